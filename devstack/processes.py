@@ -1,0 +1,184 @@
+"""Start real NATS, Postgres and a nutshell mint on free loopback ports, for `make run` and the tests.
+
+Each starter returns a `Service` with its URL and a `stop()`. Nothing here is used in production:
+there, NATS, Postgres and the mints are the operator's.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Service:
+    name: str
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def stop(self, timeout: float = 10) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def _wait(name: str, proc: subprocess.Popen, log_path: Path, ready: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode}; log: {log_path}\n{_tail(log_path)}")
+        try:
+            if ready():
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError(f"{name} not ready after {timeout:g}s; log: {log_path}\n{_tail(log_path)}")
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _http_ok(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=1) as response:
+        return response.status == 200
+
+
+def _binary(name: str) -> str:
+    """A binary from this virtualenv's bin/ (pip-installed) first, then the system PATH."""
+    local = Path(sys.executable).parent / name
+    if local.exists():
+        return str(local)
+    found = shutil.which(name)
+    if not found:
+        raise RuntimeError(f"{name} not found: install the project (`make install`)")
+    return found
+
+
+def start_nats(workdir: Path) -> Service:
+    """nats-server with JetStream; ready when its monitor says JetStream is up."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port, monitor = free_port(), free_port()
+    log_path = workdir / "nats.log"
+    proc = subprocess.Popen(
+        [_binary("nats-server"), "-a", "127.0.0.1", "-p", str(port), "-m", str(monitor),
+         "-js", "-sd", str(workdir / "js")],
+        stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    _wait("nats", proc, log_path, lambda: _http_ok(f"http://127.0.0.1:{monitor}/healthz?js-enabled-only=true"), 15)
+    return Service("nats", f"nats://127.0.0.1:{port}", proc, log_path)
+
+
+def _postgres_bin() -> Path:
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), reverse=True)
+    if candidates:
+        return Path(candidates[0]).parent
+    initdb = shutil.which("initdb")
+    if initdb:
+        return Path(initdb).parent
+    raise RuntimeError("PostgreSQL server binaries not found: `make install` installs Debian's postgresql")
+
+
+def _as_postgres_user() -> dict:
+    """PostgreSQL refuses to run as root; drop to the `postgres` user when we are root."""
+    if os.geteuid() != 0:
+        return {}
+    entry = pwd.getpwnam("postgres")
+    return {"user": entry.pw_uid, "group": entry.pw_gid}
+
+
+def start_postgres(workdir: Path) -> Service:
+    """A throwaway cluster (trust auth on loopback, fsync off) owned by an unprivileged user."""
+    bindir = _postgres_bin()
+    workdir.mkdir(parents=True, exist_ok=True)
+    data = workdir / "data"
+    creds = _as_postgres_user()
+    if creds:
+        for path in (workdir, *workdir.parents):
+            if path == Path("/"):
+                break
+            os.chmod(path, os.stat(path).st_mode | 0o011)  # traversable by the postgres user
+        os.chown(workdir, creds["user"], creds["group"])
+    log_path = workdir / "postgres.log"
+    if not (data / "PG_VERSION").exists():
+        subprocess.run(
+            [str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8",
+             "--no-sync"],
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **creds,
+        )  # fmt: skip
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-k", str(workdir),
+         "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "synchronous_commit=off",
+         "-c", "full_page_writes=off", "-c", "max_connections=300"],
+        stdout=log_path.open("wb"), stderr=subprocess.STDOUT, **creds,
+    )  # fmt: skip
+
+    def ready() -> bool:
+        probe = subprocess.run(
+            [str(bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres"],
+            capture_output=True,
+        )
+        return probe.returncode == 0
+
+    _wait("postgres", proc, log_path, ready, 30)
+    return Service("postgres", f"postgresql://postgres@127.0.0.1:{port}/postgres", proc, log_path)
+
+
+def start_mint(workdir: Path, input_fee_ppk: int = 0) -> Service:
+    """The nutshell mint with its FakeWallet Lightning backend (invoices pay themselves)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("MINT_", "CASHU_", "FAKEWALLET_", "TOR"))
+    }
+    env.update(
+        MINT_BACKEND_BOLT11_SAT="FakeWallet",
+        MINT_LISTEN_HOST="127.0.0.1",
+        MINT_LISTEN_PORT=str(port),
+        MINT_PRIVATE_KEY=f"routstr-dev-mint-{input_fee_ppk}",
+        MINT_DATABASE=str(workdir / "db"),
+        MINT_INPUT_FEE_PPK=str(input_fee_ppk),
+        MINT_RATE_LIMIT="false",
+        FAKEWALLET_DELAY_INCOMING_PAYMENT="0",
+        FAKEWALLET_DELAY_OUTGOING_PAYMENT="0",
+        FAKEWALLET_BRR="true",
+        TOR="false",
+        DEBUG="false",
+    )
+    log_path = workdir / "mint.log"
+    # The mint reads `.env` from its working directory, so it gets a folder of its own.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cashu.mint"], cwd=workdir, env=env,
+        stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    _wait("mint", proc, log_path, lambda: _http_ok(f"{url}/v1/keysets"), 60)
+    return Service("mint", url, proc, log_path)

@@ -1,0 +1,196 @@
+"""A stub OpenAI-compatible upstream that speaks the real wire format.
+
+Used as the demo upstream of `make run`, by the tests and by the benchmark. Behaviour is steered by
+directives in the last message's text, so a test drives it through the gateway unchanged:
+
+  [[tokens:N]]   answer with N completion tokens (default 8, capped by max_tokens)
+  [[fail:CODE]]  answer with an OpenAI error body and status CODE before anything streams
+  [[midfail]]    stream half the tokens, then drop the connection
+  [[slow:S]]     wait S seconds before answering (and between chunks when streaming)
+  [[nousage]]    never report usage
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import time
+import uuid
+
+from aiohttp import web
+
+MODELS = ("gpt-4o-mini", "gpt-4o", "claude-sonnet-4.6", "llama-3.1-8b", "text-embedding-3-small")
+_DIRECTIVE = re.compile(r"\[\[(\w+)(?::([\d.]+))?\]\]")
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None):
+    body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    return web.json_response(body, status=status)
+
+
+def _directives(body: dict) -> dict[str, float]:
+    text = ""
+    messages = body.get("messages")
+    if isinstance(messages, list) and messages:
+        content = messages[-1].get("content") if isinstance(messages[-1], dict) else ""
+        text = content if isinstance(content, str) else json.dumps(content)
+    elif isinstance(body.get("prompt"), str):
+        text = body["prompt"]
+    elif isinstance(body.get("input"), str):
+        text = body["input"]
+    return {name: float(value or 1) for name, value in _DIRECTIVE.findall(text)}
+
+
+def _prompt_tokens(body: dict) -> int:
+    source = body.get("messages") or body.get("prompt") or body.get("input") or ""
+    return max(1, len(json.dumps(source).split()))
+
+
+async def _read(request: web.Request) -> dict:
+    try:
+        body = await request.json()
+    except json.JSONDecodeError:
+        raise web.HTTPBadRequest(text='{"error":{"message":"invalid JSON","type":"invalid_request_error"}}',
+                                 content_type="application/json") from None
+    if not isinstance(body, dict):
+        raise web.HTTPBadRequest(text='{"error":{"message":"body must be an object"}}',
+                                 content_type="application/json")
+    return body
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    body = await _read(request)
+    if request.headers.get("Authorization") != f"Bearer {request.app[API_KEY]}":
+        return _error(401, "Incorrect API key provided", "invalid_request_error", "invalid_api_key")
+    if not body.get("model"):
+        return _error(400, "you must provide a model parameter")
+    d = _directives(body)
+    if "slow" in d:
+        await asyncio.sleep(d["slow"])
+    if "fail" in d:
+        return _error(int(d["fail"]), "the stub upstream failed on purpose", "server_error")
+    cap = body.get("max_completion_tokens") or body.get("max_tokens")
+    n = int(d.get("tokens", 8))
+    if isinstance(cap, int) and cap > 0:
+        n = min(n, cap)
+    prompt = _prompt_tokens(body)
+    usage = {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n}
+    ident, created, model = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), body["model"]
+    words = [f"w{i} " for i in range(n)]
+    if not body.get("stream"):
+        out = {
+            "id": ident, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(words)},
+                         "logprobs": None, "finish_reason": "stop"}],
+        }  # fmt: skip
+        if "nousage" not in d:
+            out["usage"] = usage
+        return web.json_response(out)
+
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage")) and "nousage" not in d
+
+    def chunk(delta: dict, finish: str | None = None, **extra) -> bytes:
+        data = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+        if include_usage:
+            data["usage"] = None
+        data.update(extra)
+        return b"data: " + json.dumps(data).encode() + b"\n\n"
+
+    await response.write(chunk({"role": "assistant", "content": ""}))
+    for i, word in enumerate(words):
+        if "midfail" in d and i == n // 2:
+            request.transport.close()  # the upstream dies mid-stream
+            return response
+        if "slow" in d:
+            await asyncio.sleep(d["slow"] / max(n, 1))
+        await response.write(chunk({"content": word}))
+    await response.write(chunk({}, "stop"))
+    if include_usage:
+        tail = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [], "usage": usage}
+        await response.write(b"data: " + json.dumps(tail).encode() + b"\n\n")
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
+async def completions(request: web.Request) -> web.Response:
+    body = await _read(request)
+    d = _directives(body)
+    if "fail" in d:
+        return _error(int(d["fail"]), "the stub upstream failed on purpose", "server_error")
+    n = int(d.get("tokens", 8))
+    prompt = _prompt_tokens(body)
+    return web.json_response({
+        "id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
+        "model": body.get("model"),
+        "choices": [{"text": " ".join(f"w{i}" for i in range(n)), "index": 0, "logprobs": None,
+                     "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n},
+    })  # fmt: skip
+
+
+async def embeddings(request: web.Request) -> web.Response:
+    body = await _read(request)
+    inputs = body.get("input")
+    items = inputs if isinstance(inputs, list) else [inputs]
+    prompt = _prompt_tokens(body)
+    return web.json_response({
+        "object": "list", "model": body.get("model"),
+        "data": [{"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]} for i in range(len(items))],
+        "usage": {"prompt_tokens": prompt, "total_tokens": prompt},
+    })  # fmt: skip
+
+
+async def responses(request: web.Request) -> web.Response:
+    body = await _read(request)
+    n = int(_directives(body).get("tokens", 8))
+    prompt = _prompt_tokens(body)
+    return web.json_response({
+        "id": f"resp_{uuid.uuid4().hex[:24]}", "object": "response", "created_at": int(time.time()),
+        "status": "completed", "model": body.get("model"),
+        "output": [{"type": "message", "id": f"msg_{uuid.uuid4().hex[:12]}", "status": "completed",
+                    "role": "assistant",
+                    "content": [{"type": "output_text", "text": " ".join(f"w{i}" for i in range(n)),
+                                 "annotations": []}]}],
+        "usage": {"input_tokens": prompt, "output_tokens": n, "total_tokens": prompt + n},
+    })  # fmt: skip
+
+
+async def models(request: web.Request) -> web.Response:
+    return web.json_response({
+        "object": "list",
+        "data": [{"id": m, "object": "model", "created": 1700000000, "owned_by": "stub"} for m in MODELS],
+    })
+
+
+API_KEY = web.AppKey("api_key", str)
+
+
+def create_app(api_key: str = "stub-upstream-key") -> web.Application:
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app[API_KEY] = api_key
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_post("/v1/responses", responses)
+    app.router.add_get("/v1/models", models)
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8099)
+    parser.add_argument("--api-key", default="stub-upstream-key")
+    args = parser.parse_args()
+    web.run_app(create_app(args.api_key), host=args.host, port=args.port, print=None, access_log=None)
+
+
+if __name__ == "__main__":
+    main()

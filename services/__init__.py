@@ -1,0 +1,1 @@
+"""The node's four services: gateway, billing, wallet and discovery."""

@@ -1,0 +1,1 @@
+"""Code every service shares: the bus contract, config, logging, metrics, NATS and Postgres helpers."""

@@ -1,0 +1,295 @@
+"""The bus contract: every NATS subject and every message the services exchange, in one module.
+
+Messages are msgspec Structs encoded as msgpack. Every reply is either the expected Struct or an
+`Error` (tagged union), so a caller always learns *why* something failed. Amounts are integer msat.
+Keys travel only as `key_hash` = sha256 hex of the full `sk-…` string; no service but the gateway
+ever sees a key or a token in the clear, and the gateway sends tokens only to billing and wallet.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import msgspec
+
+VERSION = 1
+
+# Request/reply subjects (queue group = service name, so replicas share the load).
+BILLING_RESERVE = "billing.reserve"  # Reserve -> Reserved | Error
+BILLING_SETTLE = "billing.settle"  # Usage -> Settled | Error   (same handler as the stream)
+BILLING_DEPOSIT = "billing.deposit"  # Deposit -> KeyInfo | Error (redeems through wallet, credits once)
+BILLING_KEY_INFO = "billing.key.info"  # KeyQuery -> KeyInfo | Error
+BILLING_CREATE_KEY = "billing.key.create"  # CreateKey -> KeyInfo | Error (operator command)
+BILLING_REFUND = "billing.refund"  # Refund -> Refunded | Error
+BILLING_MODELS = "billing.models"  # ModelsQuery -> Catalog
+BILLING_RECONCILE = "billing.reconcile"  # ReconcileQuery -> Reconciliation
+WALLET_REDEEM = "wallet.redeem"  # Redeem -> Redeemed | Error
+WALLET_ISSUE = "wallet.issue"  # Issue -> Issued | Error
+WALLET_PAY = "wallet.pay"  # Pay -> Paid | Error (Lightning payout)
+WALLET_HOLDINGS = "wallet.holdings"  # HoldingsQuery -> Holdings
+DISCOVERY_INFO = "discovery.info"  # InfoQuery -> NodeIdentity
+DISCOVERY_PROVIDERS = "discovery.providers"  # ProvidersQuery -> Providers
+
+# Events (core NATS): the catalog changed, so discovery republishes and gateways drop caches.
+EVENT_CATALOG_CHANGED = "events.catalog.changed"
+
+# JetStream: usage events must survive a billing restart, so they go through a stream.
+USAGE_STREAM = "USAGE"
+USAGE_SUBJECT = "usage.events"
+USAGE_CONSUMER = "billing-settle"
+
+REQUEST_TIMEOUT = 5.0  # seconds for ordinary request/reply
+MINT_TIMEOUT = 30.0  # seconds for anything that waits on a mint
+
+
+class Error(msgspec.Struct, tag="error", frozen=True):
+    """A typed failure. `code` is stable and machine-read; `status` is the HTTP status to show."""
+
+    code: str
+    message: str
+    status: int = 400
+    retry_after: int | None = None
+
+
+# ---- billing ---------------------------------------------------------------------------------
+
+
+class Reserve(msgspec.Struct, tag="reserve", frozen=True):
+    key_hash: str
+    request_id: str
+    model: str
+    prompt_tokens: int  # the gateway's estimate of the prompt
+    max_tokens: int | None  # the client's cap on completion tokens, if any
+    path: str = "/v1/chat/completions"
+
+
+class Price(msgspec.Struct, frozen=True):
+    """A model's price in integer msat: per request, and per million tokens."""
+
+    request_msat: int = 0
+    prompt_msat_per_m: int = 0
+    completion_msat_per_m: int = 0
+    cache_read_msat_per_m: int = 0
+    cache_write_msat_per_m: int = 0
+
+
+class Reserved(msgspec.Struct, tag="reserved", frozen=True):
+    reservation_id: str
+    reserved_msat: int
+    balance_msat: int  # spendable balance left after this reservation
+    model: str  # the canonical upstream model id (aliases resolved)
+    price: Price
+
+
+class Usage(msgspec.Struct, tag="usage", frozen=True):
+    """What a proxied call consumed. Settled exactly once per request_id."""
+
+    request_id: str
+    key_hash: str
+    reservation_id: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    # "reported": upstream usage; "estimated": no usage came back, counted by the gateway;
+    # "failed": upstream failed before anything reached the client (charge nothing).
+    source: str = "reported"
+    status: int = 200
+    ts: float = 0.0
+
+
+class Settled(msgspec.Struct, tag="settled", frozen=True):
+    request_id: str
+    cost_msat: int
+    input_msat: int
+    output_msat: int
+    base_msat: int
+    balance_msat: int
+    already: bool = False
+
+
+class Deposit(msgspec.Struct, tag="deposit", frozen=True):
+    """Redeem `token` and credit it to `key_hash`. `create` allows making the key."""
+
+    key_hash: str
+    token: str
+    create: bool
+
+
+class KeyQuery(msgspec.Struct, tag="key_query", frozen=True):
+    key_hash: str
+
+
+class CreateKey(msgspec.Struct, tag="create_key", frozen=True):
+    key_hash: str
+    balance_msat: int
+    idempotency_key: str
+
+
+class KeyInfo(msgspec.Struct, tag="key_info", frozen=True):
+    key_hash: str
+    balance_msat: int  # spendable: total minus reserved
+    reserved_msat: int
+    total_requests: int
+    total_spent_msat: int
+    credited_msat: int = 0  # what this call credited (deposit), 0 otherwise
+
+
+class Refund(msgspec.Struct, tag="refund", frozen=True):
+    key_hash: str
+    lightning_address: str | None = None
+
+
+class Refunded(msgspec.Struct, tag="refunded", frozen=True):
+    refund_id: str
+    amount_msat: int
+    token: str | None = None  # a Cashu token, or None for a Lightning payout
+    recipient: str | None = None
+    status: str = "paid"
+
+
+class ModelsQuery(msgspec.Struct, tag="models_query", frozen=True):
+    pass
+
+
+class ModelEntry(msgspec.Struct, frozen=True):
+    id: str
+    name: str
+    upstream_id: str
+    context_length: int
+    max_completion_tokens: int
+    architecture: dict[str, Any]
+    usd: dict[str, str]  # USD per token as decimal strings: prompt, completion, request, ...
+    price: Price
+    aliases: tuple[str, ...] = ()
+    enabled: bool = True
+
+
+class Catalog(msgspec.Struct, tag="catalog", frozen=True):
+    models: tuple[ModelEntry, ...]
+    btc_usd: str  # the rate used, as a decimal string
+    fixed_pricing: bool
+    revision: str  # changes whenever any price or model changes
+
+
+class ReconcileQuery(msgspec.Struct, tag="reconcile_query", frozen=True):
+    pass
+
+
+class Reconciliation(msgspec.Struct, tag="reconciliation", frozen=True):
+    owed_msat: int  # balances users hold, reservations included
+    revenue_msat: int
+    fees_msat: int
+    redeemed_msat: int
+    refunded_msat: int
+    paid_out_msat: int
+    difference_msat: int  # owed + revenue + fees - (redeemed - refunded - paid_out); must be 0
+    wallet_unspent_msat: int
+    covered: bool  # the wallet's unspent proofs cover what is owed
+
+
+# ---- wallet ----------------------------------------------------------------------------------
+
+
+class Redeem(msgspec.Struct, tag="redeem", frozen=True):
+    token: str
+
+
+class Redeemed(msgspec.Struct, tag="redeemed", frozen=True):
+    token_hash: str  # sha256 hex of the raw token string
+    mint_url: str
+    amount_msat: int  # face value
+    fee_msat: int  # mint input fees paid to swap it
+    credited_msat: int  # amount - fee
+    already: bool = False  # this token was redeemed before; same answer as then
+
+
+class Issue(msgspec.Struct, tag="issue", frozen=True):
+    """Mint a token worth `amount_msat` (rounded down to whole sats). Idempotent by key."""
+
+    amount_msat: int
+    idempotency_key: str
+    mint_url: str | None = None
+
+
+class Issued(msgspec.Struct, tag="issued", frozen=True):
+    token: str
+    amount_msat: int
+    mint_url: str
+    fee_msat: int = 0  # mint input fees the node paid to cut this token (an operator expense)
+    already: bool = False
+
+
+class Pay(msgspec.Struct, tag="pay", frozen=True):
+    amount_msat: int
+    idempotency_key: str
+    lightning_address: str
+
+
+class Paid(msgspec.Struct, tag="paid", frozen=True):
+    amount_msat: int
+    fee_msat: int
+    status: str
+
+
+class HoldingsQuery(msgspec.Struct, tag="holdings_query", frozen=True):
+    pass
+
+
+class Holdings(msgspec.Struct, tag="holdings", frozen=True):
+    unspent_msat: int
+    by_mint: dict[str, int]
+
+
+# ---- discovery -------------------------------------------------------------------------------
+
+
+class InfoQuery(msgspec.Struct, tag="info_query", frozen=True):
+    pass
+
+
+class NodeIdentity(msgspec.Struct, tag="node_identity", frozen=True):
+    npub: str
+    provider_id: str
+
+
+class ProvidersQuery(msgspec.Struct, tag="providers_query", frozen=True):
+    pass
+
+
+class Provider(msgspec.Struct, frozen=True):
+    pubkey: str
+    d: str
+    name: str
+    about: str
+    urls: tuple[str, ...]
+    mints: tuple[str, ...]
+    version: str
+    last_seen: int
+
+
+class Providers(msgspec.Struct, tag="providers", frozen=True):
+    providers: tuple[Provider, ...]
+
+
+Message = (
+    Error
+    | Reserve | Reserved | Usage | Settled | Deposit | KeyQuery | CreateKey | KeyInfo | Refund | Refunded
+    | ModelsQuery | Catalog | ReconcileQuery | Reconciliation
+    | Redeem | Redeemed | Issue | Issued | Pay | Paid | HoldingsQuery | Holdings
+    | InfoQuery | NodeIdentity | ProvidersQuery | Providers
+)  # fmt: skip
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+T = TypeVar("T")
+
+
+def encode(message: msgspec.Struct) -> bytes:
+    return _encoder.encode(message)
+
+
+def decode(data: bytes) -> Message:
+    return _decoder.decode(data)

@@ -1,0 +1,86 @@
+"""Postgres: a pool per service and a migrations runner (numbered SQL files, advisory lock, checksums)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from pathlib import Path
+
+import asyncpg
+
+log = logging.getLogger(__name__)
+
+_LOCK_ID = 0x526F757473  # "Routs": one lock for every service's migrations
+_FILE = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
+
+
+class MigrationError(RuntimeError):
+    """An applied migration was edited, or the database is ahead of this code."""
+
+
+async def create_pool(url: str, min_size: int = 2, max_size: int = 10) -> asyncpg.Pool:
+    return await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, command_timeout=30)
+
+
+def _files(folder: Path) -> list[tuple[int, str, str]]:
+    found = []
+    for path in sorted(folder.glob("*.sql")):
+        match = _FILE.match(path.name)
+        if not match:
+            raise MigrationError(f"{path}: migration files are named NNN_description.sql")
+        sql = path.read_text()
+        found.append((int(match.group(1)), path.name, sql))
+    return found
+
+
+async def migrate(conn: asyncpg.Connection, service: str, folder: Path) -> list[str]:
+    """Apply `folder`'s unapplied migrations for `service` in order; return the names applied.
+
+    Runs under a session advisory lock so replicas starting together apply each file once, and
+    refuses to start when an applied file's checksum changed or the database knows a newer one.
+    """
+    await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_ID)
+    try:
+        await conn.execute(
+            """CREATE TABLE IF NOT EXISTS public.schema_migrations (
+                   service text NOT NULL, version int NOT NULL, name text NOT NULL,
+                   checksum text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now(),
+                   PRIMARY KEY (service, version))"""
+        )
+        rows = await conn.fetch(
+            "SELECT version, name, checksum FROM public.schema_migrations WHERE service = $1", service
+        )
+        applied = {r["version"]: r for r in rows}
+        files = _files(folder)
+        known = {version for version, _, _ in files}
+        unknown = sorted(set(applied) - known)
+        if unknown:
+            raise MigrationError(f"{service}: database has migrations {unknown} this code does not know")
+        done = []
+        for version, name, sql in files:
+            checksum = hashlib.sha256(sql.encode()).hexdigest()
+            if version in applied:
+                if applied[version]["checksum"] != checksum:
+                    raise MigrationError(f"{service}: applied migration {name} was changed afterwards")
+                continue
+            async with conn.transaction():
+                await conn.execute(sql)
+                await conn.execute(
+                    "INSERT INTO public.schema_migrations (service, version, name, checksum)"
+                    " VALUES ($1, $2, $3, $4)",
+                    service, version, name, checksum,
+                )  # fmt: skip
+            log.info("applied migration %s/%s", service, name)
+            done.append(name)
+        return done
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_ID)
+
+
+async def migrate_url(url: str, service: str, folder: Path) -> list[str]:
+    conn = await asyncpg.connect(url)
+    try:
+        return await migrate(conn, service, folder)
+    finally:
+        await conn.close()

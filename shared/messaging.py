@@ -1,0 +1,111 @@
+"""NATS helpers: connect, serve a subject with typed handlers, and make typed requests."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import msgspec
+import nats
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
+
+from shared import bus
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+Handler = Callable[[bus.Message], Awaitable[msgspec.Struct]]
+
+
+class BusError(Exception):
+    """A request came back as a typed `bus.Error`, or did not come back at all."""
+
+    def __init__(self, error: bus.Error):
+        super().__init__(f"{error.code}: {error.message}")
+        self.error = error
+
+
+async def connect(url: str, name: str) -> NATS:
+    """Connect with reconnects forever: a NATS restart must not kill a service."""
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats error: %s", exc)
+
+    return await nats.connect(
+        url,
+        name=name,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        connect_timeout=3,
+        allow_reconnect=True,
+        error_cb=on_error,
+    )
+
+
+async def serve(nc: NATS, subject: str, handler: Handler, queue: str) -> None:
+    """Answer `subject` with `handler`; any exception becomes an `internal` Error, never silence."""
+
+    async def on_message(msg: Msg) -> None:
+        try:
+            request = bus.decode(msg.data)
+            reply = await handler(request)
+        except msgspec.DecodeError as exc:
+            reply = bus.Error("bad_message", f"undecodable message on {subject}: {exc}", 400)
+        except BusError as exc:
+            reply = exc.error
+        except Exception:
+            log.exception("handler for %s failed", subject)
+            reply = bus.Error("internal", f"{subject} failed", 500)
+        if msg.reply:
+            await msg.respond(bus.encode(reply))
+
+    await nc.subscribe(subject, queue=queue, cb=on_message)
+
+
+async def request(
+    nc: NATS, subject: str, message: msgspec.Struct, expect: type[T], timeout: float = bus.REQUEST_TIMEOUT
+) -> T:
+    """Send a request and return the expected reply, or raise BusError with a typed reason."""
+    try:
+        msg = await nc.request(subject, bus.encode(message), timeout=timeout)
+    except NoRespondersError:
+        raise BusError(bus.Error("unavailable", f"no service answers {subject}", 503, 1)) from None
+    except NatsTimeout:
+        raise BusError(bus.Error("timeout", f"{subject} did not answer in {timeout:g}s", 504)) from None
+    reply = bus.decode(msg.data)
+    if isinstance(reply, bus.Error):
+        raise BusError(reply)
+    if not isinstance(reply, expect):
+        raise BusError(bus.Error("bad_reply", f"{subject} answered {type(reply).__name__}", 502))
+    return reply
+
+
+async def ensure_usage_stream(nc: NATS, replicas: int) -> None:
+    """Create (or update) the durable usage stream and billing's shared pull consumer."""
+    js = nc.jetstream()
+    config = StreamConfig(
+        name=bus.USAGE_STREAM,
+        subjects=[bus.USAGE_SUBJECT],
+        retention=RetentionPolicy.WORK_QUEUE,
+        storage=StorageType.FILE,
+        num_replicas=replicas,
+        duplicate_window=600.0,
+    )
+    try:
+        await js.add_stream(config)
+    except nats.js.errors.BadRequestError:
+        await js.update_stream(config)
+    await js.add_consumer(
+        bus.USAGE_STREAM,
+        ConsumerConfig(
+            durable_name=bus.USAGE_CONSUMER,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=30.0,
+            max_deliver=-1,
+            filter_subject=bus.USAGE_SUBJECT,
+        ),
+    )

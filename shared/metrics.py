@@ -1,0 +1,113 @@
+"""Every Prometheus metric the node exports, named in one place (prefix `routstr_`, base units).
+
+Each service builds its own set on a registry it owns (no import-time globals), so several services
+can run in one test process. The README's metrics table and the alerts/dashboard use these names.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry):
+        self.requests = Counter(
+            "routstr_http_requests_total", "HTTP requests answered by the gateway",
+            ["route", "model", "status"], registry=registry,
+        )  # fmt: skip
+        self.request_seconds = Histogram(
+            "routstr_http_request_duration_seconds", "Time to answer a request (whole stream included)",
+            ["route"], buckets=LATENCY_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.upstream_seconds = Histogram(
+            "routstr_upstream_request_duration_seconds", "Upstream call duration",
+            ["model"], buckets=LATENCY_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.upstream_ttfb_seconds = Histogram(
+            "routstr_upstream_time_to_first_byte_seconds", "Time until the upstream's first byte",
+            ["model"], buckets=LATENCY_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.upstream_errors = Counter(
+            "routstr_upstream_errors_total", "Upstream calls that failed", ["reason"], registry=registry
+        )
+        self.streams_in_flight = Gauge(
+            "routstr_streams_in_flight", "Streamed responses being sent right now", registry=registry
+        )
+        self.payments = Counter(
+            "routstr_payments_total", "Payment attempts by mode (sk, cashu, xcashu) and outcome",
+            ["mode", "outcome"], registry=registry,
+        )  # fmt: skip
+        self.usage_published = Counter(
+            "routstr_usage_events_published_total", "Usage events sent to the usage stream",
+            ["source"], registry=registry,
+        )  # fmt: skip
+
+
+class BillingMetrics:
+    def __init__(self, registry: CollectorRegistry):
+        self.charged_msat = Counter(
+            "routstr_charged_msat_total", "Msat charged for inference", ["model"], registry=registry
+        )
+        self.credited_msat = Counter(
+            "routstr_credited_msat_total", "Msat credited to keys from redeemed tokens", registry=registry
+        )
+        self.refunded_msat = Counter(
+            "routstr_refunded_msat_total", "Msat refunded to clients (tokens and Lightning)", registry=registry
+        )
+        self.settlements = Counter(
+            "routstr_settlements_total", "Usage settled, by source (reported, estimated, failed)",
+            ["source"], registry=registry,
+        )  # fmt: skip
+        self.reservations_open = Gauge(
+            "routstr_reservations_open", "Reservations held and not yet settled", registry=registry
+        )
+        self.reservations_expired = Counter(
+            "routstr_reservations_expired_total", "Reservations released by the sweeper", registry=registry
+        )
+        self.usage_pending = Gauge(
+            "routstr_usage_events_pending", "Usage events waiting in the stream", registry=registry
+        )
+        self.settle_lag_seconds = Histogram(
+            "routstr_settle_lag_seconds", "Time from a call's end to its settlement",
+            buckets=LATENCY_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.owed_msat = Gauge("routstr_balances_owed_msat", "Msat users hold in all keys", registry=registry)
+        self.revenue_msat = Gauge("routstr_revenue_msat", "Operator revenue held, in msat", registry=registry)
+        self.reconcile_difference_msat = Gauge(
+            "routstr_reconcile_difference_msat", "Ledger imbalance found by reconcile; must be 0",
+            registry=registry,
+        )  # fmt: skip
+
+
+class WalletMetrics:
+    def __init__(self, registry: CollectorRegistry):
+        self.mint_requests = Counter(
+            "routstr_mint_requests_total", "Calls to mints by operation and outcome",
+            ["mint", "operation", "outcome"], registry=registry,
+        )  # fmt: skip
+        self.mint_seconds = Histogram(
+            "routstr_mint_request_duration_seconds", "Mint call duration", ["operation"],
+            buckets=LATENCY_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.mint_up = Gauge("routstr_mint_up", "1 when the mint answered its last call", ["mint"], registry=registry)
+        self.unspent_msat = Gauge(
+            "routstr_wallet_unspent_msat", "Unspent ecash the node holds", ["mint"], registry=registry
+        )
+
+
+class DiscoveryMetrics:
+    def __init__(self, registry: CollectorRegistry):
+        self.relay_connected = Gauge(
+            "routstr_relay_connected", "1 when the relay is connected", ["relay"], registry=registry
+        )
+        self.relay_last_publish = Gauge(
+            "routstr_relay_last_publish_timestamp_seconds", "When an announcement last reached the relay",
+            ["relay"], registry=registry,
+        )  # fmt: skip
+        self.publishes = Counter(
+            "routstr_relay_publish_total", "Announcement publish attempts per relay and outcome",
+            ["relay", "outcome"], registry=registry,
+        )  # fmt: skip
+        self.nodes_seen = Gauge("routstr_nostr_nodes_seen", "Other Routstr nodes seen on the relays", registry=registry)

@@ -1,0 +1,133 @@
+"""What every service has in common: ops routes, typed app keys, start-up and signal-driven shutdown."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import asyncpg
+from aiohttp import web
+from nats.aio.client import Client as NATS
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from shared import db
+from shared.config import ConfigError, Settings, load_settings, require
+from shared.logs import setup_logging
+
+log = logging.getLogger(__name__)
+
+SETTINGS = web.AppKey("settings", Settings)
+REGISTRY = web.AppKey("registry", CollectorRegistry)
+NC = web.AppKey("nc", NATS)
+POOL = web.AppKey("pool", asyncpg.Pool)
+CHECKS = web.AppKey("checks", dict)
+DRAINING = web.AppKey("draining", list)
+
+Check = Callable[[], Awaitable[bool] | bool]
+
+
+def ops_app(settings: Settings, registry: CollectorRegistry) -> web.Application:
+    """An application with /healthz, /readyz and /metrics; services add routes and checks to it."""
+    app = web.Application(client_max_size=settings.max_body_bytes)
+    app[SETTINGS] = settings
+    app[REGISTRY] = registry
+    app[CHECKS] = {}
+    app[DRAINING] = []
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/metrics", _metrics)
+    app.on_shutdown.append(_start_draining)
+    return app
+
+
+async def _start_draining(app: web.Application) -> None:
+    app[DRAINING].append(True)
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    app = request.app
+    results: dict[str, bool] = {}
+    for name, check in app[CHECKS].items():
+        try:
+            outcome = check()
+            results[name] = bool(await outcome if asyncio.iscoroutine(outcome) else outcome)
+        except Exception:
+            results[name] = False
+    ready = all(results.values()) and not app[DRAINING]
+    body = {"status": "ready" if ready else "not ready", "checks": results, "draining": bool(app[DRAINING])}
+    return web.json_response(body, status=200 if ready else 503)
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    return web.Response(body=generate_latest(request.app[REGISTRY]), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def nats_check(nc: NATS) -> Check:
+    return lambda: nc.is_connected
+
+
+def pool_check(pool: asyncpg.Pool) -> Check:
+    async def check() -> bool:
+        async with pool.acquire(timeout=2) as conn:
+            return await conn.fetchval("SELECT 1") == 1
+
+    return check
+
+
+async def retry_start(what: str, connect: Callable[[], Awaitable], attempts: int = 20):
+    """Connect to a dependency at start, retrying briefly, then fail with a message naming it."""
+    delay = 0.25
+    for attempt in range(attempts):
+        try:
+            return await connect()
+        except Exception as exc:
+            if attempt == attempts - 1:
+                raise ConfigError(f"{what}: not reachable ({exc.__class__.__name__}: {exc})") from None
+            log.warning("%s not reachable yet (%s); retrying", what, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+    raise AssertionError("unreachable")
+
+
+def main(
+    service: str,
+    build: Callable[[Settings], Awaitable[web.Application]],
+    port: Callable[[Settings], int],
+    migrations: Path | None = None,
+    needs: tuple[str, ...] = ("NATS_URL",),
+) -> None:
+    """The entry point of every service: `python -m services.<name> [serve|migrate]`."""
+    parser = argparse.ArgumentParser(prog=f"python -m services.{service}")
+    parser.add_argument("command", nargs="?", default="serve", choices=["serve", "migrate"])
+    args = parser.parse_args()
+    try:
+        settings = load_settings()
+        setup_logging(service, settings.log_level)
+        if args.command == "migrate":
+            require(settings, "DATABASE_URL")
+            if migrations is None:
+                print(f"{service}: no migrations")
+                return
+            applied = asyncio.run(db.migrate_url(settings.database_url, service, migrations))
+            print(f"{service}: applied {len(applied)} migration(s): {', '.join(applied) or 'none pending'}")
+            return
+        require(settings, *needs)
+        web.run_app(
+            build(settings),
+            host=settings.host,
+            port=port(settings),
+            shutdown_timeout=float(settings.upstream_timeout),
+            access_log=None,
+            print=None,
+        )
+    except (ConfigError, db.MigrationError) as exc:
+        print(f"{service}: configuration error: {exc}", file=sys.stderr)
+        sys.exit(2)
