@@ -82,7 +82,7 @@ def pool_check(pool: asyncpg.Pool) -> Check:
     return check
 
 
-async def retry_start(what: str, connect: Callable[[], Awaitable], attempts: int = 20):
+async def retry_start(what: str, connect: Callable[[], Awaitable], attempts: int = 8):
     """Connect to a dependency at start, retrying briefly, then fail with a message naming it."""
     delay = 0.25
     for attempt in range(attempts):

@@ -22,7 +22,7 @@ from aiohttp import web
 from devstack import processes
 from devstack.upstream import create_app as create_upstream
 from shared.config import Settings, load_settings
-from tests.support.client_wallet import ClientWallet
+from devstack.client_wallet import ClientWallet
 
 SERVICES = ("billing", "wallet", "discovery", "gateway")
 UPSTREAM_KEY = "stub-upstream-key"

@@ -1,4 +1,4 @@
-"""The client's side of Cashu in tests: a real cashu wallet that mints from the test mint and sends tokens."""
+"""A Cashu client wallet (the payer's side): mints from a FakeWallet mint and cuts tokens. For dev and tests."""
 
 from __future__ import annotations
 

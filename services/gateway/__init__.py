@@ -1,0 +1,1 @@
+"""The gateway: the node's public HTTP API — auth, payment, and the streaming OpenAI-compatible proxy."""

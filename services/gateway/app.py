@@ -1,0 +1,158 @@
+"""The gateway's app factory: routes, middlewares (request id, CORS, errors, metrics) and resources."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from services.gateway import balance, catalog
+from services.gateway.billing_client import BillingClient
+from services.gateway.errors import detail_error, openai_error
+from services.gateway.proxy import REQUEST_ID, Proxy
+from shared import messaging
+from shared.config import Settings
+from shared.metrics import GatewayMetrics
+from shared.service import CHECKS, NC, SETTINGS, nats_check, ops_app, retry_start
+
+log = logging.getLogger(__name__)
+
+PROXY = web.AppKey("proxy", Proxy)
+METRICS = web.AppKey("gateway_metrics", GatewayMetrics)
+
+PAID_PATHS = (
+    "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses",
+    "/v1/images/generations", "/v1/moderations",
+)  # fmt: skip
+ALLOW_HEADERS = "Authorization, X-Cashu, Content-Type, X-Routstr-Model, Accept, OpenAI-Beta"
+EXPOSE_HEADERS = (
+    "X-Cashu, X-Cashu-Refund, X-Routstr-Request-Id, X-Routstr-Cost-Msats, X-Routstr-Input-Cost-Msats, "
+    "X-Routstr-Output-Cost-Msats, X-Routstr-Cost-Usd, Retry-After"
+)
+
+
+def _cors_headers(settings: Settings, request: web.Request) -> dict[str, str]:
+    origin = request.headers.get("Origin")
+    allowed = settings.cors_origins
+    if "*" in allowed:
+        value = "*"
+    elif origin in allowed:
+        value = origin
+    else:
+        return {}
+    headers = {"Access-Control-Allow-Origin": value, "Access-Control-Expose-Headers": EXPOSE_HEADERS}
+    if value != "*":
+        headers["Vary"] = "Origin"
+    return headers
+
+
+def _is_balance(path: str) -> bool:
+    return path.startswith(("/v1/balance", "/v1/wallet"))
+
+
+@web.middleware
+async def edge(request: web.Request, handler) -> web.StreamResponse:
+    """Request id, CORS, metrics, and the guarantee that a client never sees a traceback."""
+    request_id = uuid.uuid4().hex
+    request[REQUEST_ID] = request_id
+    started = time.monotonic()
+    if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+        response: web.StreamResponse = web.Response(status=204, headers={
+            "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+            "Access-Control-Allow-Headers": request.headers.get("Access-Control-Request-Headers", ALLOW_HEADERS),
+            "Access-Control-Max-Age": "600",
+        })  # fmt: skip
+    else:
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            response = _http_error(request, exc)
+        except Exception:
+            log.exception("unhandled error", extra={"request_id": request_id})
+            response = openai_error(500, f"Internal error (request {request_id})", "internal_error")
+    route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+    metrics = request.app[METRICS]
+    metrics.requests.labels(route, request.get("model", ""), str(response.status)).inc()
+    metrics.request_seconds.labels(route).observe(time.monotonic() - started)
+    return response
+
+
+async def _stamp(request: web.Request, response: web.StreamResponse) -> None:
+    """Request id and CORS on every response, streamed ones included, just before headers leave."""
+    if REQUEST_ID in request:
+        response.headers["X-Routstr-Request-Id"] = request[REQUEST_ID]
+    response.headers.update(_cors_headers(request.app[SETTINGS], request))
+
+
+def _http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
+    """aiohttp's own errors (404, 405, 413, bad JSON raised by handlers) in the shape the path's clients parse."""
+    if exc.content_type == "application/json" and exc.text:
+        return web.Response(status=exc.status, text=exc.text, content_type="application/json")
+    messages = {
+        404: f"Unknown path {request.path}",
+        405: f"Method {request.method} is not allowed on {request.path}",
+        413: f"Request body is larger than {request.app[SETTINGS].max_body_bytes} bytes",
+    }
+    message = messages.get(exc.status, exc.reason)
+    if _is_balance(request.path):
+        return detail_error(exc.status, message)
+    return openai_error(exc.status, message, {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(
+        exc.status))
+
+
+async def _resources(app: web.Application) -> None:
+    """NATS, the usage stream and one pooled HTTP client for every upstream call; drained on shutdown."""
+    settings = app[SETTINGS]
+    nc = await retry_start("NATS_URL", lambda: messaging.connect(settings.nats_url, "gateway"))
+    await messaging.ensure_usage_stream(nc, settings.usage_stream_replicas)
+    app[NC] = nc
+    app[CHECKS]["nats"] = nats_check(nc)
+    timeout = aiohttp.ClientTimeout(
+        total=settings.upstream_timeout, connect=settings.upstream_connect_timeout
+    )
+    session = aiohttp.ClientSession(
+        timeout=timeout,
+        connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=300),
+        auto_decompress=True,
+    )
+    billing = BillingClient(nc, nc.jetstream())
+    proxy = Proxy(settings, session, billing, app[METRICS])
+    app[PROXY] = proxy
+    app[balance.BALANCE] = balance.BalanceAPI(billing)
+    yield
+    await proxy.drain()
+    await session.close()
+    await nc.drain()
+
+
+async def _paid(request: web.Request) -> web.StreamResponse:
+    return await request.app[PROXY].paid(request)
+
+
+async def _other_v1(request: web.Request) -> web.StreamResponse:
+    """Other `/v1/*` paths: model calls are paid like the named ones; reads pass through."""
+    proxy = request.app[PROXY]
+    if request.method == "POST":
+        return await proxy.paid(request)
+    if request.method == "GET":
+        return await proxy.passthrough(request)
+    raise web.HTTPMethodNotAllowed(request.method, ["GET", "POST"])
+
+
+async def create_app(settings: Settings) -> web.Application:
+    registry = CollectorRegistry()
+    app = ops_app(settings, registry)
+    app[METRICS] = GatewayMetrics(registry)
+    app.middlewares.append(edge)
+    app.on_response_prepare.append(_stamp)
+    catalog.setup(app)
+    balance.add_routes(app)
+    for path in PAID_PATHS:
+        app.router.add_post(path, _paid)
+    app.router.add_route("*", "/v1/{tail:.*}", _other_v1)
+    app.cleanup_ctx.append(_resources)
+    return app

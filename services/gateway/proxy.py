@@ -1,0 +1,388 @@
+"""The paid, streaming reverse proxy: authenticate, reserve, forward, measure, settle, give change.
+
+A call never costs more than what reached the client: an upstream that fails before answering is
+free (the reservation is released), one that dies mid-stream or never reports usage is charged by
+an estimate of what was delivered (prompt estimate + streamed characters / 4), and a call whose
+upstream reports usage is charged exactly that. Settlement goes through the usage stream, so it
+happens exactly once even if this gateway dies right after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+import msgspec
+from aiohttp import web
+
+from services.gateway.billing_client import BillingClient, usage_from
+from services.gateway.credentials import Credential, CredentialError, credential
+from services.gateway.errors import from_bus, openai_error
+from shared import bus
+from shared.config import Settings
+from shared.messaging import BusError
+from shared.metrics import GatewayMetrics
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID = "routstr_request_id"
+# Hop-by-hop headers and the client's credentials never go upstream.
+_DROP_REQUEST = {
+    "host", "content-length", "authorization", "x-cashu", "cookie", "connection", "keep-alive",
+    "transfer-encoding", "te", "upgrade", "proxy-authorization", "accept-encoding", "x-routstr-model",
+}  # fmt: skip
+_KEEP_RESPONSE = {"content-type", "openai-processing-ms", "openai-version", "x-request-id"}
+_json_decode = msgspec.json.Decoder().decode
+
+
+def estimate_tokens(text_chars: int) -> int:
+    """The documented estimate when upstream reports no usage: one token per 4 characters, rounded up."""
+    return math.ceil(text_chars / 4)
+
+
+@dataclass
+class Call:
+    """One proxied call's state, from reservation to settlement."""
+
+    request_id: str
+    cred: Credential
+    path: str
+    body: dict
+    reserved: bus.Reserved
+    prompt_estimate: int
+    started: float = field(default_factory=time.monotonic)
+    streamed_chars: int = 0
+    usage: tuple[int, int, int, int] | None = None
+
+    def usage_event(self, source: str, status: int) -> bus.Usage:
+        if source == "reported" and self.usage:
+            prompt, completion, cache_read, cache_write = self.usage
+        elif source == "failed":
+            prompt = completion = cache_read = cache_write = 0
+        else:
+            prompt, completion = self.prompt_estimate, estimate_tokens(self.streamed_chars)
+            cache_read = cache_write = 0
+        return bus.Usage(
+            request_id=self.request_id, key_hash=self.cred.key_hash, reservation_id=self.reserved.reservation_id,
+            model=self.reserved.model, prompt_tokens=prompt, completion_tokens=completion,
+            cache_read_tokens=cache_read, cache_write_tokens=cache_write, source=source, status=status,
+            ts=time.time(),
+        )  # fmt: skip
+
+
+def cost_fields(call: Call, settled: bus.Settled) -> tuple[dict, dict[str, str]]:
+    """The cost object clients read (body) and the X-Routstr-Cost-* headers."""
+    cache_read, cache_write = (call.usage[2], call.usage[3]) if call.usage else (0, 0)
+    cost = {
+        "base_msats": settled.base_msat,
+        "input_msats": settled.input_msat,
+        "output_msats": settled.output_msat,
+        "total_msats": settled.cost_msat,
+        "cache_read_input_tokens": cache_read,
+        "cache_creation_input_tokens": cache_write,
+        "cache_read_msats": 0,
+        "cache_creation_msats": 0,
+    }
+    headers = {
+        "X-Routstr-Cost-Msats": str(settled.cost_msat),
+        "X-Routstr-Input-Cost-Msats": str(settled.input_msat),
+        "X-Routstr-Output-Cost-Msats": str(settled.output_msat),
+    }
+    return cost, headers
+
+
+def add_cost(body: dict, cost: dict, settled: bus.Settled) -> None:
+    """Write the cost in every spelling clients read: usage.cost, usage.cost_sats/sats_cost, top-level cost."""
+    sats = settled.cost_msat / 1000
+    usage = body.get("usage")
+    if isinstance(usage, dict):
+        usage["cost"] = cost
+        usage["cost_sats"] = sats
+        usage["sats_cost"] = sats
+        usage["remaining_balance_msats"] = settled.balance_msat
+    body["cost"] = {**cost, "sats_cost": sats, "remaining_balance_msats": settled.balance_msat}
+    metadata = body.get("metadata") if isinstance(body.get("metadata"), dict) else {}
+    metadata["routstr"] = {"cost": cost, "sats_cost": sats, "remaining_balance_msats": settled.balance_msat}
+    body["metadata"] = metadata
+
+
+class Proxy:
+    def __init__(
+        self, settings: Settings, session: aiohttp.ClientSession, billing: BillingClient, metrics: GatewayMetrics
+    ):
+        self.settings = settings
+        self.session = session
+        self.billing = billing
+        self.metrics = metrics
+        self.base = settings.upstream_base_url
+        self.auth = {"Authorization": f"Bearer {settings.upstream_api_key}"} if settings.upstream_api_key else {}
+        self.background: set[asyncio.Task] = set()
+
+    # ---- entry points --------------------------------------------------------------------------
+
+    async def paid(self, request: web.Request) -> web.StreamResponse:
+        """A model call (`POST /v1/...` with a JSON body naming a model): reserve, forward, settle."""
+        path = request.path
+        raw = await request.read()
+        try:
+            body = json.loads(raw) if raw else None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return openai_error(400, "Request body is not valid JSON", "invalid_json")
+        if not isinstance(body, dict):
+            return openai_error(400, "Request body must be a JSON object", "invalid_body")
+        model = request.headers.get("X-Routstr-Model") or body.get("model")
+        if not isinstance(model, str) or not model.strip():
+            return openai_error(400, "you must provide a model parameter", "missing_model")
+        try:
+            cred = credential(request)
+        except CredentialError as exc:
+            self.metrics.payments.labels("unknown", exc.code).inc()
+            return openai_error(exc.status, exc.message, exc.code)
+        try:
+            await self.billing.ensure_account(cred)
+        except BusError as exc:
+            self.metrics.payments.labels(cred.mode, exc.error.code).inc()
+            return from_bus(exc.error)
+
+        prompt_estimate = max(1, len(json.dumps(body.get("messages", body.get("input", body.get("prompt", "")))) // 3))
+        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens")
+        reserve = bus.Reserve(
+            key_hash=cred.key_hash, request_id=request[REQUEST_ID], model=model.strip(),
+            prompt_tokens=prompt_estimate, max_tokens=max_tokens if isinstance(max_tokens, int) else None, path=path,
+        )  # fmt: skip
+        try:
+            reserved = await self.billing.reserve(reserve)
+        except BusError as exc:
+            self.metrics.payments.labels(cred.mode, exc.error.code).inc()
+            return from_bus(exc.error, headers=await self.change(cred))
+        self.metrics.payments.labels(cred.mode, "ok").inc()
+        request["model"] = reserved.model
+        if reserved.model != body.get("model") and "X-Routstr-Model" not in request.headers:
+            body["model"] = reserved.model  # an alias: upstream knows the canonical id
+        call = Call(request[REQUEST_ID], cred, path, body, reserved, prompt_estimate)
+        return await self.forward(request, call)
+
+    async def passthrough(self, request: web.Request) -> web.StreamResponse:
+        """Any other `/v1/*` read: forwarded for a known key, free (it runs no model)."""
+        try:
+            cred = credential(request, allow_xcashu=False)
+            await self.billing.ensure_account(cred)
+            await self.billing.key_info(cred.key_hash)
+        except CredentialError as exc:
+            return openai_error(exc.status, exc.message, exc.code)
+        except BusError as exc:
+            return from_bus(exc.error)
+        try:
+            async with self.session.request(
+                request.method, self.base + request.path.removeprefix("/v1"), params=request.query,
+                headers={**self._forward_headers(request), **self.auth},
+            ) as upstream:  # fmt: skip
+                data = await upstream.read()
+                headers = {k: v for k, v in upstream.headers.items() if k.lower() in _KEEP_RESPONSE}
+                return web.Response(status=upstream.status, body=data, headers=headers)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return self._upstream_failure(exc)
+
+    # ---- forwarding --------------------------------------------------------------------------
+
+    def _forward_headers(self, request: web.Request) -> dict[str, str]:
+        return {k: v for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST}
+
+    def _upstream_failure(self, exc: BaseException) -> web.Response:
+        if isinstance(exc, TimeoutError):
+            self.metrics.upstream_errors.labels("timeout").inc()
+            return openai_error(504, "The upstream provider timed out", "upstream_timeout")
+        self.metrics.upstream_errors.labels("unreachable").inc()
+        return openai_error(502, "The upstream provider is unreachable", "upstream_unavailable")
+
+    async def forward(self, request: web.Request, call: Call) -> web.StreamResponse:
+        streaming = bool(call.body.get("stream"))
+        options = call.body.get("stream_options")
+        client_wants_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+        if streaming and call.path.endswith("completions"):
+            # Ask for usage so the call is charged exactly; the usage event reaches the client only if it asked.
+            call.body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+        url = self.base + call.path.removeprefix("/v1")
+        headers = {**self._forward_headers(request), **self.auth, "Content-Type": "application/json"}
+        started = time.monotonic()
+        try:
+            upstream = await self.session.post(url, data=json.dumps(call.body).encode(), headers=headers)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            await self.finish(call, "failed", 502)
+            failure = self._upstream_failure(exc)
+            failure.headers.update(await self.change(call.cred))
+            return failure
+        self.metrics.upstream_ttfb_seconds.labels(call.reserved.model).observe(time.monotonic() - started)
+        try:
+            if upstream.status >= 400:
+                return await self.relay_error(call, upstream)
+            if streaming and upstream.content_type == "text/event-stream":
+                return await self.stream(request, call, upstream, client_wants_usage)
+            return await self.whole(call, upstream)
+        finally:
+            upstream.release()
+            self.metrics.upstream_seconds.labels(call.reserved.model).observe(time.monotonic() - started)
+
+    async def relay_error(self, call: Call, upstream: aiohttp.ClientResponse) -> web.Response:
+        """An upstream error: relayed in the OpenAI shape, charged nothing, change returned."""
+        self.metrics.upstream_errors.labels(f"http_{upstream.status}").inc()
+        data = await upstream.read()
+        await self.finish(call, "failed", upstream.status)
+        try:
+            body = json.loads(data)
+            message = body["error"]["message"] if isinstance(body.get("error"), dict) else str(body)
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError, KeyError):
+            message = f"The upstream provider answered {upstream.status}"
+        status = upstream.status if upstream.status < 500 else 502
+        if upstream.status in (401, 403):
+            status, message = 502, "The upstream provider rejected the node's credentials"
+        return openai_error(status, message, "upstream_error", headers=await self.change(call.cred))
+
+    async def whole(self, call: Call, upstream: aiohttp.ClientResponse) -> web.Response:
+        data = await upstream.read()
+        try:
+            body = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            await self.finish(call, "estimated", upstream.status)
+            return web.Response(status=upstream.status, body=data, content_type=upstream.content_type)
+        call.usage = usage_from(body)
+        if call.usage is None:
+            call.streamed_chars = len(data)
+        settled = await self.finish(call, "reported" if call.usage else "estimated", upstream.status)
+        headers = await self.change(call.cred)
+        if settled is not None and isinstance(body, dict):
+            cost, cost_headers = cost_fields(call, settled)
+            add_cost(body, cost, settled)
+            headers.update(cost_headers)
+        return web.json_response(body, status=upstream.status, headers=headers)
+
+    async def stream(
+        self, request: web.Request, call: Call, upstream: aiohttp.ClientResponse, client_wants_usage: bool
+    ) -> web.StreamResponse:
+        """Pass SSE events through as they arrive; hold back only the usage event to add the cost to it."""
+        response = web.StreamResponse(
+            status=upstream.status,
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        await response.prepare(request)
+        self.metrics.streams_in_flight.inc()
+        buffer = b""
+        usage_event: dict | None = None
+        done = False
+        source = "estimated"
+        try:
+            try:
+                async for chunk in upstream.content.iter_any():
+                    buffer += chunk
+                    while b"\n\n" in buffer:
+                        event, buffer = buffer.split(b"\n\n", 1)
+                        data = _sse_data(event)
+                        if data == b"[DONE]":
+                            done = True
+                            continue
+                        parsed = _parse(data) if data else None
+                        if parsed is not None and parsed.get("type") == "response.completed":
+                            call.usage = usage_from(parsed.get("response") or {})  # the Responses API
+                        elif parsed is not None and parsed.get("usage"):
+                            call.usage = usage_from(parsed)
+                            if not parsed.get("choices"):
+                                usage_event = parsed
+                                continue
+                        if parsed is not None:
+                            call.streamed_chars += _content_chars(parsed)
+                        await response.write(event + b"\n\n")
+                source = "reported" if call.usage else "estimated"
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                # The upstream died mid-stream: tell the client inside the stream, charge what it got.
+                self.metrics.upstream_errors.labels("midstream").inc()
+                log.warning("upstream stream failed: %s", exc.__class__.__name__)
+                error = {"error": {"message": "The upstream provider failed mid-stream", "type": "server_error",
+                                   "code": "upstream_error"}}  # fmt: skip
+                await response.write(b"data: " + json.dumps(error).encode() + b"\n\n")
+                call.usage, done = None, True
+            settled = await self.finish(call, source, upstream.status)
+            if client_wants_usage and usage_event is not None:
+                if settled is not None:
+                    add_cost(usage_event, cost_fields(call, settled)[0], settled)
+                await response.write(b"data: " + json.dumps(usage_event).encode() + b"\n\n")
+            if done:
+                await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+        except (ConnectionResetError, asyncio.CancelledError):
+            # The client went away: stop reading upstream (the finally releases it) and settle what it got.
+            self._settle_later(call, "estimated", 499)
+            raise
+        finally:
+            self.metrics.streams_in_flight.dec()
+        if call.cred.mode == "xcashu":
+            self._spawn(self.change(call.cred))  # make the change collectable via /v1/balance/refund
+        return response
+
+    # ---- settlement and change ----------------------------------------------------------------
+
+    async def finish(self, call: Call, source: str, status: int) -> bus.Settled | None:
+        usage = call.usage_event(source, status)
+        try:
+            return await self.billing.settle(usage)
+        except Exception:
+            # Even the stream publish failed (NATS down): the sweeper releases the reservation.
+            log.exception("could not record usage for %s", call.request_id)
+            return None
+
+    def _settle_later(self, call: Call, source: str, status: int) -> None:
+        self._spawn(self.finish(call, source, status))
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    async def change(self, cred: Credential) -> dict[str, str]:
+        """For X-Cashu payments: the unspent remainder as a token in the `X-Cashu` response header."""
+        if cred.mode != "xcashu":
+            return {}
+        try:
+            refunded = await self.billing.refund(cred.key_hash)
+        except BusError as exc:
+            if exc.error.code not in ("no_balance", "balance_too_small", "unknown_key"):
+                log.warning("change for an X-Cashu call not issued yet: %s", exc.error.code)
+            return {}
+        return {"X-Cashu": refunded.token} if refunded.token else {}
+
+    async def drain(self) -> None:
+        """On shutdown: let settlements and change that are under way finish."""
+        if self.background:
+            await asyncio.wait(self.background, timeout=10)
+
+
+def _sse_data(event: bytes) -> bytes | None:
+    """The payload of an SSE event's `data:` lines (joined), or None for comments/other fields."""
+    lines = [line[5:].strip() for line in event.split(b"\n") if line.startswith(b"data:")]
+    return b"\n".join(lines) if lines else None
+
+
+def _parse(data: bytes) -> dict | None:
+    try:
+        value = _json_decode(data)
+    except msgspec.DecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _content_chars(chunk: dict) -> int:
+    total = 0
+    for choice in chunk.get("choices") or ():
+        delta = choice.get("delta") or {}
+        for key in ("content", "reasoning_content", "reasoning"):
+            value = delta.get(key)
+            if isinstance(value, str):
+                total += len(value)
+        text = choice.get("text")
+        if isinstance(text, str):
+            total += len(text)
+    return total
