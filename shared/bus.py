@@ -184,9 +184,10 @@ class Reconciliation(msgspec.Struct, tag="reconciliation", frozen=True):
     redeemed_msat: int
     refunded_msat: int
     paid_out_msat: int
-    difference_msat: int  # owed + revenue + fees - (redeemed - refunded - paid_out); must be 0
+    difference_msat: int  # owed + revenue + fees - (redeemed + granted - refunded - paid_out); must be 0
     wallet_unspent_msat: int
-    covered: bool  # the wallet's unspent proofs cover what is owed
+    covered: bool  # the wallet's unspent proofs cover the ecash the ledger says it holds
+    granted_msat: int = 0  # balances the operator created without ecash (`create-key`)
 
 
 # ---- wallet ----------------------------------------------------------------------------------

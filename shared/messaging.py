@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -29,20 +30,27 @@ class BusError(Exception):
         self.error = error
 
 
-async def connect(url: str, name: str) -> NATS:
-    """Connect with reconnects forever: a NATS restart must not kill a service."""
+async def connect(url: str, name: str, first_attempt_seconds: float = 2.0) -> NATS:
+    """Connect, then reconnect forever: a NATS restart must not kill a service.
+
+    nats-py also retries the *first* connection forever in that mode, so the first attempt is bounded
+    here and the caller decides how long to keep trying (`shared.service.retry_start`).
+    """
 
     async def on_error(exc: Exception) -> None:
         log.warning("nats error: %s", exc)
 
-    return await nats.connect(
-        url,
-        name=name,
-        max_reconnect_attempts=-1,
-        reconnect_time_wait=0.5,
-        connect_timeout=3,
-        allow_reconnect=True,
-        error_cb=on_error,
+    return await asyncio.wait_for(
+        nats.connect(
+            url,
+            name=name,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            connect_timeout=first_attempt_seconds,
+            allow_reconnect=True,
+            error_cb=on_error,
+        ),
+        timeout=first_attempt_seconds,
     )
 
 

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiohttp
 import asyncpg
@@ -20,19 +23,22 @@ import pytest_asyncio
 from aiohttp import web
 
 from devstack import processes
+from devstack.client_wallet import ClientWallet
 from devstack.upstream import create_app as create_upstream
 from shared.config import Settings, load_settings
-from devstack.client_wallet import ClientWallet
 
 SERVICES = ("billing", "wallet", "discovery", "gateway")
 UPSTREAM_KEY = "stub-upstream-key"
 
 
 @pytest.fixture(scope="session")
-def postgres(tmp_path_factory) -> Iterator[processes.Service]:
-    service = processes.start_postgres(tmp_path_factory.mktemp("postgres"))
+def postgres() -> Iterator[processes.Service]:
+    # Not under pytest's tmp root: pytest resets that to mode 0700, which locks out the postgres user.
+    workdir = Path(tempfile.mkdtemp(prefix="routstr-test-pg-"))
+    service = processes.start_postgres(workdir)
     yield service
     service.stop()
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

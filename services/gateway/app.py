@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 from services.gateway import balance, catalog
 from services.gateway.billing_client import BillingClient
 from services.gateway.errors import detail_error, openai_error
-from services.gateway.proxy import REQUEST_ID, Proxy
+from services.gateway.proxy import MODEL, REQUEST_ID, Proxy
 from shared import messaging
 from shared.config import Settings
 from shared.metrics import GatewayMetrics
@@ -76,7 +76,7 @@ async def edge(request: web.Request, handler) -> web.StreamResponse:
             response = openai_error(500, f"Internal error (request {request_id})", "internal_error")
     route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
     metrics = request.app[METRICS]
-    metrics.requests.labels(route, request.get("model", ""), str(response.status)).inc()
+    metrics.requests.labels(route, request.get(MODEL, ""), str(response.status)).inc()
     metrics.request_seconds.labels(route).observe(time.monotonic() - started)
     return response
 

@@ -30,7 +30,8 @@ from shared.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
 
-REQUEST_ID = "routstr_request_id"
+REQUEST_ID = web.RequestKey("request_id", str)
+MODEL = web.RequestKey("model", str)
 # Hop-by-hop headers and the client's credentials never go upstream.
 _DROP_REQUEST = {
     "host", "content-length", "authorization", "x-cashu", "cookie", "connection", "keep-alive",
@@ -149,7 +150,8 @@ class Proxy:
             self.metrics.payments.labels(cred.mode, exc.error.code).inc()
             return from_bus(exc.error)
 
-        prompt_estimate = max(1, len(json.dumps(body.get("messages", body.get("input", body.get("prompt", "")))) // 3))
+        prompt = body.get("messages", body.get("input", body.get("prompt", "")))
+        prompt_estimate = max(1, len(json.dumps(prompt)) // 3)
         max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens")
         reserve = bus.Reserve(
             key_hash=cred.key_hash, request_id=request[REQUEST_ID], model=model.strip(),
@@ -161,7 +163,7 @@ class Proxy:
             self.metrics.payments.labels(cred.mode, exc.error.code).inc()
             return from_bus(exc.error, headers=await self.change(cred))
         self.metrics.payments.labels(cred.mode, "ok").inc()
-        request["model"] = reserved.model
+        request[MODEL] = reserved.model
         if reserved.model != body.get("model") and "X-Routstr-Model" not in request.headers:
             body["model"] = reserved.model  # an alias: upstream knows the canonical id
         call = Call(request[REQUEST_ID], cred, path, body, reserved, prompt_estimate)

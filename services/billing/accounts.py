@@ -1,0 +1,142 @@
+"""Billing's answers on the bus: each handler turns one message into ledger operations.
+
+Billing never talks to a mint: deposits and refunds ask the wallet service over NATS, and the
+ledger is written so that a wallet call that fails or times out leaves nothing half-done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+
+from nats.aio.client import Client as NATS
+
+from services.billing.catalog import Catalog
+from services.billing.ledger import Ledger, LedgerError, PendingRefund, _Repeat
+from shared import bus, pricing
+from shared.messaging import BusError, request
+from shared.metrics import BillingMetrics
+
+log = logging.getLogger(__name__)
+PERMANENT_PAYOUT_ERRORS = {"not_supported", "amount_too_small", "invalid_address"}
+
+
+class Accounts:
+    def __init__(self, ledger: Ledger, catalog: Catalog, nc: NATS, metrics: BillingMetrics, default_max_tokens: int):
+        self.ledger = ledger
+        self.catalog = catalog
+        self.nc = nc
+        self.metrics = metrics
+        self.default_max_tokens = default_max_tokens
+
+    async def handle(self, message: bus.Message):
+        """Dispatch by message type; ledger refusals become typed bus errors."""
+        try:
+            match message:
+                case bus.Reserve():
+                    return await self.reserve(message)
+                case bus.Usage():
+                    return await self.settle(message)
+                case bus.Deposit():
+                    return await self.deposit(message)
+                case bus.KeyQuery():
+                    return await self.ledger.key_info(message.key_hash)
+                case bus.CreateKey():
+                    return await self.ledger.grant(message.key_hash, message.balance_msat, message.idempotency_key)
+                case bus.Refund():
+                    return await self.refund(message)
+                case bus.ModelsQuery():
+                    return self.catalog.current
+                case bus.ReconcileQuery():
+                    return await self.reconcile()
+        except LedgerError as exc:
+            return exc.error
+        return bus.Error("bad_message", f"billing does not answer {type(message).__name__}", 400)
+
+    async def reserve(self, message: bus.Reserve) -> bus.Reserved:
+        model, price, limit = self.catalog.resolve(message.model)
+        completion = message.max_tokens if message.max_tokens and message.max_tokens > 0 else limit
+        amount = pricing.max_cost(price, max(message.prompt_tokens, 0), completion)
+        return await self.ledger.reserve(message, model, price, amount)
+
+    async def settle(self, usage: bus.Usage) -> bus.Settled:
+        settled = await self.ledger.settle(usage)
+        if not settled.already:
+            self.metrics.settlements.labels(usage.source).inc()
+            self.metrics.charged_msat.labels(usage.model).inc(settled.cost_msat)
+            if usage.ts:
+                self.metrics.settle_lag_seconds.observe(max(time.time() - usage.ts, 0))
+        return settled
+
+    async def deposit(self, message: bus.Deposit) -> bus.KeyInfo:
+        """Redeem through the wallet and credit once per token; a repeat gets the same answer."""
+        token_hash = hashlib.sha256(message.token.encode()).hexdigest()
+        existing = await self.ledger.deposit_of(token_hash)
+        if existing is not None:
+            return await self.ledger.answer_repeat(existing, message.key_hash)
+        if not message.create and not await self.ledger.key_exists(message.key_hash):
+            raise LedgerError(bus.Error("unknown_key", "Invalid API key: no such key", 401))
+        try:
+            redeemed = await request(
+                self.nc, bus.WALLET_REDEEM, bus.Redeem(message.token), bus.Redeemed, bus.MINT_TIMEOUT
+            )
+        except BusError as exc:
+            raise LedgerError(exc.error) from None
+        try:
+            info = await self.ledger.credit_deposit(message.key_hash, token_hash, redeemed, message.create)
+        except _Repeat as repeat:
+            return await self.ledger.answer_repeat(repeat.deposit, message.key_hash)
+        self.metrics.credited_msat.inc(redeemed.credited_msat)
+        return info
+
+    async def refund(self, message: bus.Refund) -> bus.Refunded:
+        method = "lightning" if message.lightning_address else "cashu"
+        step = await self.ledger.begin_refund(message.key_hash, method, message.lightning_address)
+        if isinstance(step, bus.Refunded):
+            return step  # a replay of the last refund
+        return await self._pay(step, message.key_hash)
+
+    async def _pay(self, refund: PendingRefund, key_hash: str) -> bus.Refunded:
+        try:
+            if refund.method == "cashu":
+                issued = await request(
+                    self.nc, bus.WALLET_ISSUE, bus.Issue(refund.amount_msat, f"refund-{refund.refund_id}"),
+                    bus.Issued, bus.MINT_TIMEOUT,
+                )  # fmt: skip
+                token, fee = issued.token, issued.fee_msat
+            else:
+                pay = bus.Pay(refund.amount_msat, f"refund-{refund.refund_id}", refund.recipient or "")
+                paid = await request(self.nc, bus.WALLET_PAY, pay, bus.Paid, bus.MINT_TIMEOUT)
+                token, fee = None, paid.fee_msat
+        except BusError as exc:
+            if exc.error.code in PERMANENT_PAYOUT_ERRORS:
+                await self.ledger.cancel_refund(refund, key_hash)
+                raise LedgerError(exc.error) from None
+            # Transient (mint down, timeout): the refund stays pending and a retry re-issues it.
+            log.warning("refund %s pending: %s", refund.refund_id, exc.error.code)
+            raise LedgerError(bus.Error(exc.error.code, f"Refund pending: {exc.error.message}", 503, 5)) from None
+        self.metrics.refunded_msat.inc(refund.amount_msat)
+        return await self.ledger.complete_refund(refund, key_hash, token, fee)
+
+    async def reconcile(self) -> bus.Reconciliation:
+        """Prove the books: the keys table against the ledger, and the wallet's ecash against both."""
+        books = await self.ledger.books()
+        owed = books.pop("owed")
+        revenue, fees = books.get("revenue", 0), books.get("fees:mint", 0)
+        redeemed, granted = -books.get("ecash:in", 0), -books.get("operator:grants", 0)
+        refunded, paid_out = books.get("ecash:out", 0), books.get("lightning:out", 0)
+        difference = owed + revenue + fees - (redeemed + granted - refunded - paid_out)
+        try:
+            holdings = await request(self.nc, bus.WALLET_HOLDINGS, bus.HoldingsQuery(), bus.Holdings, bus.MINT_TIMEOUT)
+            unspent = holdings.unspent_msat
+        except BusError:
+            unspent = -1
+        # Ecash the wallet must hold: what came in, less mint fees and what went out as tokens or payouts.
+        covered = unspent >= redeemed - fees - refunded - paid_out
+        self.metrics.reconcile_difference_msat.set(difference)
+        return bus.Reconciliation(
+            owed_msat=owed, revenue_msat=revenue, fees_msat=fees, redeemed_msat=redeemed, refunded_msat=refunded,
+            paid_out_msat=paid_out, difference_msat=difference, wallet_unspent_msat=unspent, covered=covered,
+            granted_msat=granted,
+        )  # fmt: skip

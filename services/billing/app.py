@@ -1,0 +1,133 @@
+"""Billing's app factory: Postgres and migrations, bus handlers, the usage-stream consumer and the sweeper."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+from nats.aio.client import Client as NATS
+from nats.errors import TimeoutError as NatsTimeout
+from prometheus_client import CollectorRegistry
+
+from services.billing.accounts import Accounts
+from services.billing.catalog import Catalog, load_models_file
+from services.billing.ledger import Ledger, LedgerError
+from shared import bus, db, messaging
+from shared.config import Settings
+from shared.metrics import BillingMetrics
+from shared.service import CHECKS, NC, POOL, SETTINGS, nats_check, ops_app, pool_check, retry_start
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+METRICS = web.AppKey("billing_metrics", BillingMetrics)
+ACCOUNTS = web.AppKey("accounts", Accounts)
+SUBJECTS = (
+    bus.BILLING_RESERVE, bus.BILLING_SETTLE, bus.BILLING_DEPOSIT, bus.BILLING_KEY_INFO, bus.BILLING_CREATE_KEY,
+    bus.BILLING_REFUND, bus.BILLING_MODELS, bus.BILLING_RECONCILE,
+)  # fmt: skip
+CATALOG_REFRESH = 600.0  # seconds between upstream model list / rate refreshes
+SWEEP_EVERY = 5.0
+GAUGES_EVERY = 10.0
+
+
+async def consume_usage(nc: NATS, accounts: Accounts, stop: asyncio.Event) -> None:
+    """Settle usage events from the durable stream; ack only after the settlement committed."""
+    js = nc.jetstream()
+    sub = await js.pull_subscribe(bus.USAGE_SUBJECT, durable=bus.USAGE_CONSUMER, stream=bus.USAGE_STREAM)
+    try:
+        while not stop.is_set():
+            try:
+                messages = await sub.fetch(64, timeout=1)
+            except NatsTimeout:
+                continue
+            for msg in messages:
+                try:
+                    usage = bus.decode(msg.data)
+                    if isinstance(usage, bus.Usage):
+                        await accounts.settle(usage)
+                    await msg.ack()
+                except LedgerError as exc:
+                    log.error("usage event dropped: %s", exc.error.code)
+                    await msg.term()  # settling it again can never succeed
+                except Exception:
+                    log.exception("usage event not settled; it will be redelivered")
+                    await msg.nak(delay=2)
+    finally:
+        # nats-py: drain() hangs after a timed-out fetch unless the pull subscription is gone first.
+        await sub.unsubscribe()
+
+
+async def every(seconds: float, work, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        try:
+            await work()
+        except Exception:
+            log.exception("periodic task %s failed", getattr(work, "__name__", work))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), seconds)
+
+
+async def _resources(app: web.Application):
+    settings = app[SETTINGS]
+    metrics = app[METRICS]
+    await retry_start("DATABASE_URL", lambda: db.migrate_url(settings.database_url, "billing", MIGRATIONS))
+    pool = await db.create_pool(settings.database_url, max_size=20)
+    nc = await retry_start("NATS_URL", lambda: messaging.connect(settings.nats_url, "billing"))
+    await messaging.ensure_usage_stream(nc, settings.usage_stream_replicas)
+    app[POOL], app[NC] = pool, nc
+    app[CHECKS].update(nats=nats_check(nc), postgres=pool_check(pool))
+    session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+    ledger = Ledger(pool)
+    catalog = Catalog(settings, pool, session)
+    accounts = Accounts(ledger, catalog, nc, metrics, settings.default_max_tokens)
+    app[ACCOUNTS] = accounts
+    await catalog.refresh()
+    for subject in SUBJECTS:
+        await messaging.serve(nc, subject, accounts.handle, queue="billing")
+
+    async def refresh_catalog() -> None:
+        if await catalog.refresh():
+            await nc.publish(bus.EVENT_CATALOG_CHANGED, catalog.current.revision.encode())
+
+    async def sweep() -> None:
+        expired = await ledger.expire(settings.reservation_ttl)
+        if expired:
+            metrics.reservations_expired.inc(expired)
+            log.warning("released %d reservations whose usage never came", expired)
+
+    async def gauges() -> None:
+        metrics.reservations_open.set(await ledger.open_reservations())
+        books = await ledger.books()
+        metrics.owed_msat.set(books["owed"])
+        metrics.revenue_msat.set(books.get("revenue", 0))
+        info = await nc.jetstream().consumer_info(bus.USAGE_STREAM, bus.USAGE_CONSUMER)
+        metrics.usage_pending.set(info.num_pending + info.num_ack_pending)
+        await accounts.reconcile()
+
+    stop = asyncio.Event()
+    tasks = [
+        asyncio.create_task(consume_usage(nc, accounts, stop)),
+        asyncio.create_task(every(SWEEP_EVERY, sweep, stop)),
+        asyncio.create_task(every(GAUGES_EVERY, gauges, stop)),
+        asyncio.create_task(every(CATALOG_REFRESH, refresh_catalog, stop)),
+    ]
+    yield
+    stop.set()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await nc.drain()
+    await session.close()
+    await pool.close()
+
+
+async def create_app(settings: Settings) -> web.Application:
+    load_models_file(settings.models_path)  # a malformed models file stops start-up here, by name
+    registry = CollectorRegistry()
+    app = ops_app(settings, registry)
+    app[METRICS] = BillingMetrics(registry)
+    app.cleanup_ctx.append(_resources)
+    return app

@@ -1,0 +1,376 @@
+"""Balances and the ledger in Postgres: every money movement is one transaction that updates the key
+and appends balanced ledger rows, each with a unique idempotency key, so a retry can never move money
+twice and `reconcile` can prove the books from the rows alone.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+import asyncpg
+import msgspec
+
+from shared import bus, pricing
+
+GRANTS, ECASH_IN, ECASH_OUT, LIGHTNING_OUT = "operator:grants", "ecash:in", "ecash:out", "lightning:out"
+REVENUE, FEES = "revenue", "fees:mint"
+
+
+def user(key_hash: str) -> str:
+    return f"user:{key_hash}"
+
+
+def held(key_hash: str) -> str:
+    return f"held:{key_hash}"
+
+
+def fail(code: str, message: str, status: int, retry_after: int | None = None) -> bus.Error:
+    return bus.Error(code, message, status, retry_after)
+
+
+class LedgerError(Exception):
+    def __init__(self, error: bus.Error):
+        super().__init__(error.message)
+        self.error = error
+
+
+async def _entry(
+    conn: asyncpg.Connection, key: str, kind: str, debit: str, credit: str, amount: int, key_hash: str | None
+) -> None:
+    if amount:
+        await conn.execute(
+            "INSERT INTO billing.ledger (idempotency_key, kind, debit, credit, amount_msat, key_hash)"
+            " VALUES ($1, $2, $3, $4, $5, $6)",
+            key, kind, debit, credit, amount, key_hash,
+        )  # fmt: skip
+
+
+def _info(row: asyncpg.Record, credited: int = 0) -> bus.KeyInfo:
+    return bus.KeyInfo(
+        key_hash=row["key_hash"],
+        balance_msat=row["balance_msat"] - row["reserved_msat"],
+        reserved_msat=row["reserved_msat"],
+        total_requests=row["total_requests"],
+        total_spent_msat=row["total_spent_msat"],
+        credited_msat=credited,
+    )
+
+
+@dataclass(frozen=True)
+class PendingRefund:
+    refund_id: str
+    amount_msat: int
+    method: str
+    recipient: str | None
+
+
+class Ledger:
+    def __init__(self, pool: asyncpg.Pool):
+        self.pool = pool
+
+    # ---- keys ------------------------------------------------------------------------------
+
+    async def key_info(self, key_hash: str) -> bus.KeyInfo:
+        row = await self.pool.fetchrow("SELECT * FROM billing.keys WHERE key_hash = $1", key_hash)
+        if row is None:
+            raise LedgerError(fail("unknown_key", "Invalid API key: no such key", 401))
+        return _info(row)
+
+    async def key_exists(self, key_hash: str) -> bool:
+        return bool(await self.pool.fetchval("SELECT 1 FROM billing.keys WHERE key_hash = $1", key_hash))
+
+    async def grant(self, key_hash: str, msat: int, idempotency_key: str) -> bus.KeyInfo:
+        """An operator-funded key (`create-key`): the money comes from the operator, not from ecash."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            done = await conn.fetchval(
+                "SELECT 1 FROM billing.ledger WHERE idempotency_key = $1", f"grant:{idempotency_key}"
+            )
+            await conn.execute("INSERT INTO billing.keys (key_hash) VALUES ($1) ON CONFLICT DO NOTHING", key_hash)
+            if not done:
+                await conn.execute(
+                    "UPDATE billing.keys SET balance_msat = balance_msat + $2, last_refund_id = NULL"
+                    " WHERE key_hash = $1", key_hash, msat,
+                )  # fmt: skip
+                await conn.execute(
+                    "INSERT INTO billing.ledger (idempotency_key, kind, debit, credit, amount_msat, key_hash)"
+                    " VALUES ($1, 'grant', $2, $3, $4, $5)",
+                    f"grant:{idempotency_key}", GRANTS, user(key_hash), msat, key_hash,
+                )  # fmt: skip
+            return _info(await conn.fetchrow("SELECT * FROM billing.keys WHERE key_hash = $1", key_hash))
+
+    # ---- deposits --------------------------------------------------------------------------
+
+    async def deposit_of(self, token_hash: str) -> asyncpg.Record | None:
+        return await self.pool.fetchrow("SELECT * FROM billing.deposits WHERE token_hash = $1", token_hash)
+
+    async def answer_repeat(self, deposit: asyncpg.Record, key_hash: str) -> bus.KeyInfo:
+        """The same token presented again: the same answer for its own key, 'already spent' for another."""
+        if deposit["key_hash"] != key_hash:
+            raise LedgerError(fail("cashu_token_already_spent", "Cashu token already spent", 400))
+        return bus.KeyInfo(**{**_struct_dict(await self.key_info(key_hash)), "credited_msat": deposit["credited_msat"]})
+
+    async def credit_deposit(self, key_hash: str, token_hash: str, redeemed: bus.Redeemed, create: bool) -> bus.KeyInfo:
+        """Credit a redeemed token once: the deposits row (keyed by token hash) is the idempotency guard."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            inserted = await conn.fetchval(
+                "INSERT INTO billing.deposits (token_hash, key_hash, mint_url, amount_msat, fee_msat, credited_msat)"
+                " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING RETURNING 1",
+                token_hash, key_hash, redeemed.mint_url, redeemed.amount_msat, redeemed.fee_msat,
+                redeemed.credited_msat,
+            )  # fmt: skip
+            if not inserted:
+                existing = await conn.fetchrow("SELECT * FROM billing.deposits WHERE token_hash = $1", token_hash)
+                raise _Repeat(existing)
+            if create:
+                await conn.execute("INSERT INTO billing.keys (key_hash) VALUES ($1) ON CONFLICT DO NOTHING", key_hash)
+            row = await conn.fetchrow(
+                "UPDATE billing.keys SET balance_msat = balance_msat + $2, last_refund_id = NULL"
+                " WHERE key_hash = $1 RETURNING *", key_hash, redeemed.credited_msat,
+            )  # fmt: skip
+            if row is None:
+                raise LedgerError(fail("unknown_key", "Invalid API key: no such key", 401))
+            await _entry(conn, f"deposit:{token_hash}", "deposit", ECASH_IN, user(key_hash),
+                         redeemed.credited_msat, key_hash)  # fmt: skip
+            await _entry(conn, f"deposit-fee:{token_hash}", "fee", ECASH_IN, FEES, redeemed.fee_msat, key_hash)
+            return _info(row, redeemed.credited_msat)
+
+    # ---- reservations and settlement -------------------------------------------------------
+
+    async def reserve(self, message: bus.Reserve, model: str, price: bus.Price, amount: int) -> bus.Reserved:
+        """Hold `amount` in one conditional UPDATE: concurrent calls on one key can never overspend."""
+        reservation_id = uuid.uuid4().hex
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                row = await conn.fetchrow(
+                    "UPDATE billing.keys SET reserved_msat = reserved_msat + $2"
+                    " WHERE key_hash = $1 AND balance_msat - reserved_msat >= $2"
+                    " RETURNING balance_msat - reserved_msat AS spendable",
+                    message.key_hash, amount,
+                )  # fmt: skip
+                if row is None:
+                    info = await conn.fetchrow(
+                        "SELECT balance_msat - reserved_msat AS spendable FROM billing.keys WHERE key_hash = $1",
+                        message.key_hash,
+                    )
+                    if info is None:
+                        raise LedgerError(fail("unknown_key", "Invalid API key: no such key", 401))
+                    raise LedgerError(fail(
+                        "insufficient_balance",
+                        f"Insufficient balance: {amount} msat required, {info['spendable']} msat available",
+                        402,
+                    ))  # fmt: skip
+                await conn.execute(
+                    "INSERT INTO billing.reservations (reservation_id, request_id, key_hash, model, amount_msat, price)"
+                    " VALUES ($1, $2, $3, $4, $5, $6)",
+                    reservation_id, message.request_id, message.key_hash, model, amount, bus.encode(price),
+                )  # fmt: skip
+                await _entry(conn, f"reserve:{reservation_id}", "reserve", user(message.key_hash),
+                             held(message.key_hash), amount, message.key_hash)  # fmt: skip
+        except asyncpg.UniqueViolationError:
+            # The same request reserved before (a retried message): answer with that reservation.
+            row = await self.pool.fetchrow(
+                "SELECT r.*, k.balance_msat - k.reserved_msat AS spendable FROM billing.reservations r"
+                " JOIN billing.keys k USING (key_hash) WHERE r.request_id = $1", message.request_id,
+            )  # fmt: skip
+            return bus.Reserved(row["reservation_id"], row["amount_msat"], row["spendable"], row["model"],
+                                _price(row["price"]))  # fmt: skip
+        return bus.Reserved(reservation_id, amount, row["spendable"], model, price)
+
+    async def settle(self, usage: bus.Usage) -> bus.Settled:
+        """Charge a call's usage exactly once (by request id), release the rest of its reservation."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            # Lock the reservation first: the stream and a direct request may settle the same call at once.
+            reservation = await conn.fetchrow(
+                "SELECT * FROM billing.reservations WHERE reservation_id = $1 FOR UPDATE", usage.reservation_id
+            )
+            done = await conn.fetchrow("SELECT * FROM billing.settlements WHERE request_id = $1", usage.request_id)
+            if done is not None:
+                return _settled(done, already=True)
+            if reservation is None or reservation["key_hash"] != usage.key_hash:
+                raise LedgerError(fail("unknown_reservation", "no such reservation", 404))
+            key_hash = usage.key_hash
+            key = await conn.fetchrow("SELECT * FROM billing.keys WHERE key_hash = $1 FOR UPDATE", key_hash)
+            price = _price(reservation["price"])
+            if usage.source == "failed":
+                base = input_msat = output_msat = total = 0
+            else:
+                base, input_msat, output_msat, total = pricing.cost(
+                    price, usage.prompt_tokens, usage.completion_tokens, usage.cache_read_tokens,
+                    usage.cache_write_tokens,
+                )  # fmt: skip
+            still_held = reservation["amount_msat"] if reservation["state"] == "open" else 0
+            # Never below zero: the charge may use the held amount and whatever no other call holds.
+            free = key["balance_msat"] - key["reserved_msat"]
+            charge = min(total, still_held + free)
+            from_held = min(charge, still_held)
+            ran = usage.source != "failed"
+            row = await conn.fetchrow(
+                "UPDATE billing.keys SET balance_msat = balance_msat - $2, reserved_msat = reserved_msat - $3,"
+                " total_requests = total_requests + $4, total_spent_msat = total_spent_msat + $2"
+                " WHERE key_hash = $1 RETURNING *",
+                key_hash, charge, still_held, int(ran),
+            )  # fmt: skip
+            rid = usage.request_id
+            await _entry(conn, f"settle:{rid}", "settle", held(key_hash), REVENUE, from_held, key_hash)
+            await _entry(conn, f"release:{rid}", "release", held(key_hash), user(key_hash), still_held - from_held,
+                         key_hash)  # fmt: skip
+            await _entry(conn, f"settle-over:{rid}", "settle", user(key_hash), REVENUE, charge - from_held, key_hash)
+            await conn.execute(
+                "UPDATE billing.reservations SET state = 'settled' WHERE reservation_id = $1", usage.reservation_id
+            )
+            # Scale the parts down if the charge was capped, so they still add up to what was charged.
+            if charge < total:
+                base, input_msat = min(base, charge), min(input_msat, max(charge - base, 0))
+                output_msat = charge - base - input_msat
+            done = await conn.fetchrow(
+                "INSERT INTO billing.settlements (request_id, key_hash, source, cost_msat, base_msat, input_msat,"
+                " output_msat, balance_msat) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING *",
+                rid, key_hash, usage.source, charge, base, input_msat, output_msat,
+                row["balance_msat"] - row["reserved_msat"],
+            )  # fmt: skip
+            return _settled(done, already=False)
+
+    async def expire(self, ttl_seconds: int) -> int:
+        """Release reservations whose usage never came (the sweeper); each release is a ledger entry."""
+        expired = 0
+        async with self.pool.acquire() as conn:
+            ids = await conn.fetch(
+                "SELECT reservation_id FROM billing.reservations WHERE state = 'open'"
+                " AND created_at < now() - make_interval(secs => $1) LIMIT 500", float(ttl_seconds),
+            )  # fmt: skip
+            for record in ids:
+                async with conn.transaction():
+                    row = await conn.fetchrow(
+                        "UPDATE billing.reservations SET state = 'expired' WHERE reservation_id = $1"
+                        " AND state = 'open' RETURNING key_hash, amount_msat", record["reservation_id"],
+                    )  # fmt: skip
+                    if row is None:
+                        continue
+                    await conn.execute(
+                        "UPDATE billing.keys SET reserved_msat = reserved_msat - $2 WHERE key_hash = $1",
+                        row["key_hash"], row["amount_msat"],
+                    )  # fmt: skip
+                    await _entry(conn, f"expire:{record['reservation_id']}", "expire", held(row["key_hash"]),
+                                 user(row["key_hash"]), row["amount_msat"], row["key_hash"])  # fmt: skip
+                    expired += 1
+        return expired
+
+    async def open_reservations(self) -> int:
+        return await self.pool.fetchval("SELECT count(*) FROM billing.reservations WHERE state = 'open'")
+
+    # ---- refunds ---------------------------------------------------------------------------
+
+    async def begin_refund(self, key_hash: str, method: str, recipient: str | None) -> PendingRefund | bus.Refunded:
+        """Debit the key and record a pending refund in one transaction, or say why not.
+
+        A pending refund (the mint was down) is returned again so its retry re-issues with the same
+        idempotency key; an empty key whose last refund nothing has followed replays that refund.
+        """
+        async with self.pool.acquire() as conn, conn.transaction():
+            key = await conn.fetchrow("SELECT * FROM billing.keys WHERE key_hash = $1 FOR UPDATE", key_hash)
+            if key is None:
+                raise LedgerError(fail("unknown_key", "Invalid API key: no such key", 401))
+            pending = await conn.fetchrow(
+                "SELECT * FROM billing.refunds WHERE key_hash = $1 AND state = 'pending'", key_hash
+            )
+            if pending is not None:
+                return PendingRefund(pending["refund_id"], pending["amount_msat"], pending["method"],
+                                     pending["recipient"])  # fmt: skip
+            if key["reserved_msat"] > 0:
+                raise LedgerError(fail("refund_pending", "A request on this key is still running", 425, 1))
+            balance = key["balance_msat"]
+            if balance == 0 and key["last_refund_id"]:
+                last = await conn.fetchrow("SELECT * FROM billing.refunds WHERE refund_id = $1", key["last_refund_id"])
+                return _refunded(last)
+            if balance == 0:
+                raise LedgerError(fail("no_balance", "No balance to refund", 400))
+            if balance < pricing.MSAT_PER_SAT:
+                raise LedgerError(fail("balance_too_small", "Balance too small to refund", 400))
+            amount = balance - balance % pricing.MSAT_PER_SAT
+            refund_id = uuid.uuid4().hex
+            await conn.execute(
+                "UPDATE billing.keys SET balance_msat = balance_msat - $2 WHERE key_hash = $1", key_hash, amount
+            )
+            await conn.execute(
+                "INSERT INTO billing.refunds (refund_id, key_hash, amount_msat, method, recipient)"
+                " VALUES ($1, $2, $3, $4, $5)", refund_id, key_hash, amount, method, recipient,
+            )  # fmt: skip
+            out = ECASH_OUT if method == "cashu" else LIGHTNING_OUT
+            await _entry(conn, f"refund:{refund_id}", "refund", user(key_hash), out, amount, key_hash)
+            return PendingRefund(refund_id, amount, method, recipient)
+
+    async def complete_refund(self, refund: PendingRefund, key_hash: str, token: str | None, fee: int) -> bus.Refunded:
+        """The payout happened: mark it paid; a mint fee the node paid to cut the token is its expense."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                "UPDATE billing.refunds SET state = 'paid', token = $2, fee_msat = $3"
+                " WHERE refund_id = $1 RETURNING *", refund.refund_id, token, fee,
+            )  # fmt: skip
+            await conn.execute(
+                "UPDATE billing.keys SET last_refund_id = $2 WHERE key_hash = $1 AND balance_msat = 0",
+                key_hash, refund.refund_id,
+            )  # fmt: skip
+            await _entry(conn, f"refund-fee:{refund.refund_id}", "fee", REVENUE, FEES, fee, key_hash)
+            return _refunded(row)
+
+    async def cancel_refund(self, refund: PendingRefund, key_hash: str) -> None:
+        """The payout was refused for good (not a transient failure): give the money back to the key."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                "UPDATE billing.refunds SET state = 'failed' WHERE refund_id = $1 AND state = 'pending' RETURNING 1",
+                refund.refund_id,
+            )
+            if row is None:
+                return
+            await conn.execute(
+                "UPDATE billing.keys SET balance_msat = balance_msat + $2 WHERE key_hash = $1",
+                key_hash,
+                refund.amount_msat,
+            )
+            out = ECASH_OUT if refund.method == "cashu" else LIGHTNING_OUT
+            await _entry(conn, f"refund-cancel:{refund.refund_id}", "refund_cancel", out, user(key_hash),
+                         refund.amount_msat, key_hash)  # fmt: skip
+
+    # ---- reconcile -------------------------------------------------------------------------
+
+    async def books(self) -> dict[str, int]:
+        """Account balances from the ledger alone, plus what the keys table says users hold."""
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT account, sum(amount) AS balance FROM ("
+                " SELECT credit AS account, amount_msat AS amount FROM billing.ledger"
+                " UNION ALL SELECT debit, -amount_msat FROM billing.ledger) moves"
+                " WHERE account NOT LIKE 'user:%' AND account NOT LIKE 'held:%' GROUP BY account"
+            )
+            owed = await conn.fetchval("SELECT coalesce(sum(balance_msat), 0) FROM billing.keys")
+        balances = {r["account"]: int(r["balance"]) for r in rows}
+        return {"owed": int(owed), **balances}
+
+
+class _Repeat(Exception):
+    """A concurrent deposit of the same token won the race; answer as for a repeat."""
+
+    def __init__(self, deposit: asyncpg.Record):
+        super().__init__("repeat")
+        self.deposit = deposit
+
+
+def _struct_dict(struct) -> dict:
+    return {f: getattr(struct, f) for f in struct.__struct_fields__}
+
+
+def _settled(row: asyncpg.Record, already: bool) -> bus.Settled:
+    return bus.Settled(
+        request_id=row["request_id"], cost_msat=row["cost_msat"], input_msat=row["input_msat"],
+        output_msat=row["output_msat"], base_msat=row["base_msat"], balance_msat=row["balance_msat"], already=already,
+    )  # fmt: skip
+
+
+def _refunded(row: asyncpg.Record) -> bus.Refunded:
+    return bus.Refunded(refund_id=row["refund_id"], amount_msat=row["amount_msat"], token=row["token"],
+                        recipient=row["recipient"], status=row["state"])  # fmt: skip
+
+
+def _price(data: bytes) -> bus.Price:
+    return msgspec.msgpack.decode(data, type=bus.Price)
