@@ -32,7 +32,12 @@ Check = Callable[[], Awaitable[bool] | bool]
 
 def ops_app(settings: Settings, registry: CollectorRegistry) -> web.Application:
     """An application with /healthz, /readyz and /metrics; services add routes and checks to it."""
-    app = web.Application(client_max_size=settings.max_body_bytes)
+    # Cashu tokens travel in headers (X-Cashu, Bearer) and can outgrow aiohttp's 8 KiB header limit;
+    # the gateway rejects oversized tokens itself, with an error clients can parse.
+    app = web.Application(
+        client_max_size=settings.max_body_bytes,
+        handler_args={"max_field_size": 131072, "max_line_size": 131072},
+    )
     app[SETTINGS] = settings
     app[REGISTRY] = registry
     app[CHECKS] = {}
@@ -82,7 +87,7 @@ def pool_check(pool: asyncpg.Pool) -> Check:
     return check
 
 
-async def retry_start(what: str, connect: Callable[[], Awaitable], attempts: int = 8):
+async def retry_start(what: str, connect: Callable[[], Awaitable], attempts: int = 5):
     """Connect to a dependency at start, retrying briefly, then fail with a message naming it."""
     delay = 0.25
     for attempt in range(attempts):

@@ -55,7 +55,7 @@ async def test_sdk_with_x_cashu_default_headers(node, client_wallet):
             model="gpt-4o-mini", messages=MESSAGES, max_tokens=10, stream=stream
         )
         if stream:
-            async for _ in await raw.parse():
+            async for _ in raw.parse():
                 pass
             async with aiohttp.ClientSession() as http:
                 for _ in range(50):

@@ -265,7 +265,8 @@ class Ledger:
         """Debit the key and record a pending refund in one transaction, or say why not.
 
         A pending refund (the mint was down) is returned again so its retry re-issues with the same
-        idempotency key; an empty key whose last refund nothing has followed replays that refund.
+        idempotency key; a key emptied by a refund (dust aside) that nothing was credited to since
+        replays that refund, so a client retrying after a lost response gets its token.
         """
         async with self.pool.acquire() as conn, conn.transaction():
             key = await conn.fetchrow("SELECT * FROM billing.keys WHERE key_hash = $1 FOR UPDATE", key_hash)
@@ -280,7 +281,7 @@ class Ledger:
             if key["reserved_msat"] > 0:
                 raise LedgerError(fail("refund_pending", "A request on this key is still running", 425, 1))
             balance = key["balance_msat"]
-            if balance == 0 and key["last_refund_id"]:
+            if balance < pricing.MSAT_PER_SAT and key["last_refund_id"]:
                 last = await conn.fetchrow("SELECT * FROM billing.refunds WHERE refund_id = $1", key["last_refund_id"])
                 return _refunded(last)
             if balance == 0:
@@ -308,7 +309,7 @@ class Ledger:
                 " WHERE refund_id = $1 RETURNING *", refund.refund_id, token, fee,
             )  # fmt: skip
             await conn.execute(
-                "UPDATE billing.keys SET last_refund_id = $2 WHERE key_hash = $1 AND balance_msat = 0",
+                "UPDATE billing.keys SET last_refund_id = $2 WHERE key_hash = $1 AND balance_msat < 1000",
                 key_hash, refund.refund_id,
             )  # fmt: skip
             await _entry(conn, f"refund-fee:{refund.refund_id}", "fee", REVENUE, FEES, fee, key_hash)
