@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install system-deps run test lint bench image migrate clean
+.PHONY: install tools system-deps run test lint bench image migrate clean
 
 install: $(VENV)/.installed
 
@@ -19,7 +19,15 @@ system-deps:
 run: install system-deps
 	$(PY) -m devstack
 
-test: install system-deps
+# Lint tools whose pins clash with the node's (checkov) live in their own virtualenv; tests/test_deploy.py uses it.
+tools: .venv-tools/.installed
+
+.venv-tools/.installed: deploy/requirements-tools.txt
+	python3 -m venv .venv-tools
+	.venv-tools/bin/python -m pip install -q --disable-pip-version-check -r deploy/requirements-tools.txt
+	touch $@
+
+test: install system-deps tools
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 

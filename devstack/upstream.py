@@ -21,7 +21,14 @@ import uuid
 
 from aiohttp import web
 
-MODELS = ("gpt-4o-mini", "gpt-4o", "claude-sonnet-4.6", "llama-3.1-8b", "text-embedding-3-small")
+# OpenRouter-style list entries (id, context, USD per token), as an aggregator upstream describes them.
+MODELS = (
+    ("openai/gpt-4o-mini", 128_000, "0.00000015", "0.0000006"),
+    ("openai/gpt-4o", 128_000, "0.0000025", "0.00001"),
+    ("anthropic/claude-sonnet-4.6", 200_000, "0.000003", "0.000015"),
+    ("meta-llama/llama-3.1-8b-instruct", 131_072, "0.00000002", "0.00000005"),
+    ("openai/text-embedding-3-small", 8_192, "0.00000002", "0"),
+)
 _DIRECTIVE = re.compile(r"\[\[(\w+)(?::([\d.]+))?\]\]")
 
 
@@ -165,8 +172,15 @@ async def responses(request: web.Request) -> web.Response:
 async def models(request: web.Request) -> web.Response:
     return web.json_response({
         "object": "list",
-        "data": [{"id": m, "object": "model", "created": 1700000000, "owned_by": "stub"} for m in MODELS],
-    })
+        "data": [
+            {"id": model, "object": "model", "created": 1700000000, "owned_by": model.split("/")[0],
+             "name": model.split("/")[1], "context_length": context,
+             "architecture": {"modality": "text->text", "input_modalities": ["text"], "output_modalities": ["text"]},
+             "pricing": {"prompt": prompt, "completion": completion, "request": "0"},
+             "top_provider": {"context_length": context, "max_completion_tokens": 16_384}}
+            for model, context, prompt, completion in MODELS
+        ],
+    })  # fmt: skip
 
 
 API_KEY = web.AppKey("api_key", str)

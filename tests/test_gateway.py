@@ -70,7 +70,8 @@ async def test_chat_completion_is_proxied_billed_and_reports_cost(node, http):
 
 async def test_stream_passes_chunks_through_and_adds_usage_only_when_asked(node, http):
     key = await funded_key(node.settings.nats_url, 100_000)
-    body = {"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "[[tokens:6]]"}]}
+    body = {"model": "gpt-4o-mini", "stream": True, "max_tokens": 100,
+            "messages": [{"role": "user", "content": "[[tokens:6]]"}]}  # fmt: skip
     async with http.post(f"{node.url}{CHAT}", json=body, headers=auth(key)) as response:
         assert response.status == 200
         assert response.headers["Content-Type"].startswith("text/event-stream")

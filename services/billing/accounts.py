@@ -56,7 +56,7 @@ class Accounts:
 
     async def reserve(self, message: bus.Reserve) -> bus.Reserved:
         model, price, limit = self.catalog.resolve(message.model)
-        completion = message.max_tokens if message.max_tokens and message.max_tokens > 0 else limit
+        completion = message.max_tokens if message.max_tokens is not None and message.max_tokens >= 0 else limit
         amount = pricing.max_cost(price, max(message.prompt_tokens, 0), completion)
         return await self.ledger.reserve(message, model, price, amount)
 

@@ -153,9 +153,11 @@ class Proxy:
         prompt = body.get("messages", body.get("input", body.get("prompt", "")))
         prompt_estimate = max(1, len(json.dumps(prompt)) // 3)
         max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens")
+        if path.endswith("/embeddings"):
+            max_tokens = 0  # an embedding generates nothing: hold only the prompt's price
         reserve = bus.Reserve(
             key_hash=cred.key_hash, request_id=request[REQUEST_ID], model=model.strip(),
-            prompt_tokens=prompt_estimate, max_tokens=max_tokens if isinstance(max_tokens, int) else None, path=path,
+            prompt_tokens=prompt_estimate, max_tokens=max_tokens if isinstance(max_tokens, int) and max_tokens >= 0 else None, path=path,
         )  # fmt: skip
         try:
             reserved = await self.billing.reserve(reserve)
