@@ -115,7 +115,7 @@ class Accounts:
                 raise LedgerError(exc.error) from None
             # Transient (mint down, timeout): the refund stays pending and a retry re-issues it.
             log.warning("refund %s pending: %s", refund.refund_id, exc.error.code)
-            raise LedgerError(bus.Error(exc.error.code, f"Refund pending: {exc.error.message}", 503, 5)) from None
+            raise LedgerError(bus.Error("mint_unavailable", f"Refund pending: {exc.error.message}", 503, 5)) from None
         self.metrics.refunded_msat.inc(refund.amount_msat)
         return await self.ledger.complete_refund(refund, key_hash, token, fee)
 

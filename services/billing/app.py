@@ -89,6 +89,9 @@ async def _resources(app: web.Application):
     await catalog.refresh()
     for subject in SUBJECTS:
         await messaging.serve(nc, subject, accounts.handle, queue="billing")
+    # nats-py 2.16's flush() writes its PING ahead of queued SUBs, so it proves nothing; a request on our own
+    # connection is ordered after them and comes back only once the server knows every subject.
+    await messaging.request(nc, bus.BILLING_MODELS, bus.ModelsQuery(), bus.Catalog)
 
     async def refresh_catalog() -> None:
         if await catalog.refresh():
@@ -112,7 +115,7 @@ async def _resources(app: web.Application):
     stop = asyncio.Event()
     tasks = [
         asyncio.create_task(consume_usage(nc, accounts, stop)),
-        asyncio.create_task(every(SWEEP_EVERY, sweep, stop)),
+        asyncio.create_task(every(min(SWEEP_EVERY, settings.reservation_ttl / 2), sweep, stop)),
         asyncio.create_task(every(GAUGES_EVERY, gauges, stop)),
         asyncio.create_task(every(CATALOG_REFRESH, refresh_catalog, stop)),
     ]

@@ -140,6 +140,9 @@ class Ledger:
     async def reserve(self, message: bus.Reserve, model: str, price: bus.Price, amount: int) -> bus.Reserved:
         """Hold `amount` in one conditional UPDATE: concurrent calls on one key can never overspend."""
         reservation_id = uuid.uuid4().hex
+        existing = await self._reservation_of(message.request_id)
+        if existing is not None:
+            return existing  # a retried message: the hold is already there, even if another would not fit
         try:
             async with self.pool.acquire() as conn, conn.transaction():
                 row = await conn.fetchrow(
@@ -168,14 +171,19 @@ class Ledger:
                 await _entry(conn, f"reserve:{reservation_id}", "reserve", user(message.key_hash),
                              held(message.key_hash), amount, message.key_hash)  # fmt: skip
         except asyncpg.UniqueViolationError:
-            # The same request reserved before (a retried message): answer with that reservation.
-            row = await self.pool.fetchrow(
-                "SELECT r.*, k.balance_msat - k.reserved_msat AS spendable FROM billing.reservations r"
-                " JOIN billing.keys k USING (key_hash) WHERE r.request_id = $1", message.request_id,
-            )  # fmt: skip
-            return bus.Reserved(row["reservation_id"], row["amount_msat"], row["spendable"], row["model"],
-                                _price(row["price"]))  # fmt: skip
+            # The same request raced itself (a retry while the first was in flight): answer with the winner.
+            return await self._reservation_of(message.request_id)
         return bus.Reserved(reservation_id, amount, row["spendable"], model, price)
+
+    async def _reservation_of(self, request_id: str) -> bus.Reserved | None:
+        row = await self.pool.fetchrow(
+            "SELECT r.*, k.balance_msat - k.reserved_msat AS spendable FROM billing.reservations r"
+            " JOIN billing.keys k USING (key_hash) WHERE r.request_id = $1", request_id,
+        )  # fmt: skip
+        if row is None:
+            return None
+        return bus.Reserved(row["reservation_id"], row["amount_msat"], row["spendable"], row["model"],
+                            _price(row["price"]))  # fmt: skip
 
     async def settle(self, usage: bus.Usage) -> bus.Settled:
         """Charge a call's usage exactly once (by request id), release the rest of its reservation."""

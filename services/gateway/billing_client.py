@@ -47,22 +47,27 @@ class BillingClient:
         return await request(self.nc, bus.BILLING_RESERVE, message, bus.Reserved)
 
     async def record_usage(self, usage: bus.Usage) -> None:
-        """Put the usage event in the durable stream; the msg id makes a retried publish a no-op."""
-        await self.js.publish(
-            bus.USAGE_SUBJECT, bus.encode(usage), headers={"Nats-Msg-Id": f"usage-{usage.request_id}"}
-        )
+        """Put the usage event in the durable stream, acknowledged; the msg id makes repeats no-ops."""
+        await self.js.publish(bus.USAGE_SUBJECT, bus.encode(usage), headers=self._msg_id(usage))
 
     async def settle(self, usage: bus.Usage) -> bus.Settled | None:
-        """Record usage durably, then ask for the settlement now when the response must show it.
+        """Settle now, so the response can show the cost and the balance is free for the next call.
 
-        The stream copy is the record: if billing is slow the call is still settled from the stream,
-        exactly once, and the client just sees no cost figures.
+        The event also goes into the usage stream (without waiting for its ack on the hot path);
+        if billing does not answer, the acknowledged publish makes sure the stream has it, and
+        billing settles from there, exactly once.
         """
-        await self.record_usage(usage)
+        data = bus.encode(usage)
+        await self.nc.publish(bus.USAGE_SUBJECT, data, headers=self._msg_id(usage))
         try:
             return await request(self.nc, bus.BILLING_SETTLE, usage, bus.Settled)
         except BusError:
+            await self.js.publish(bus.USAGE_SUBJECT, data, headers=self._msg_id(usage))
             return None
+
+    @staticmethod
+    def _msg_id(usage: bus.Usage) -> dict[str, str]:
+        return {"Nats-Msg-Id": f"usage-{usage.request_id}"}
 
     async def refund(self, key_hash: str, lightning_address: str | None = None) -> bus.Refunded:
         return await request(

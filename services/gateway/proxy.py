@@ -157,7 +157,8 @@ class Proxy:
             max_tokens = 0  # an embedding generates nothing: hold only the prompt's price
         reserve = bus.Reserve(
             key_hash=cred.key_hash, request_id=request[REQUEST_ID], model=model.strip(),
-            prompt_tokens=prompt_estimate, max_tokens=max_tokens if isinstance(max_tokens, int) and max_tokens >= 0 else None, path=path,
+            prompt_tokens=prompt_estimate, path=path,
+            max_tokens=max_tokens if isinstance(max_tokens, int) and max_tokens >= 0 else None,
         )  # fmt: skip
         try:
             reserved = await self.billing.reserve(reserve)
@@ -330,13 +331,16 @@ class Proxy:
     # ---- settlement and change ----------------------------------------------------------------
 
     async def finish(self, call: Call, source: str, status: int) -> bus.Settled | None:
+        """Settle the call's usage (exactly once, by request id) and return the settlement, if known."""
         usage = call.usage_event(source, status)
         try:
-            return await self.billing.settle(usage)
+            settled = await self.billing.settle(usage)
         except Exception:
             # Even the stream publish failed (NATS down): the sweeper releases the reservation.
             log.exception("could not record usage for %s", call.request_id)
             return None
+        self.metrics.usage_published.labels(source).inc()  # in the stream now, settled or not
+        return settled
 
     def _settle_later(self, call: Call, source: str, status: int) -> None:
         self._spawn(self.finish(call, source, status))

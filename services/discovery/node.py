@@ -1,0 +1,87 @@
+"""The discovery logic: follow billing's catalog, keep the announcement current, answer who we are and who we see."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from nats.aio.client import Client as NATS
+from nats.errors import Error as NatsError
+from nostr_sdk import Keys
+
+from services.discovery import announcement
+from services.discovery.identity import provider_id
+from services.discovery.relays import Relays
+from shared import bus
+from shared.config import Settings
+from shared.messaging import BusError, request, serve
+
+log = logging.getLogger(__name__)
+
+CATALOG_REFRESH = 300.0  # seconds between catalog polls when no change event arrives
+CATALOG_RETRY_MAX = 30.0  # longest wait between attempts while billing does not answer
+
+
+class Discovery:
+    def __init__(self, settings: Settings, keys: Keys, relays: Relays):
+        self.settings = settings
+        self.relays = relays
+        self.identity = bus.NodeIdentity(
+            npub=keys.public_key().to_bech32(), provider_id=provider_id(settings.provider_id, keys)
+        )
+        self.version = announcement.node_version()
+        self.catalog: bus.Catalog | None = None
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    async def start(self, nc: NATS) -> None:
+        await serve(nc, bus.DISCOVERY_INFO, self._info, queue="discovery")
+        await serve(nc, bus.DISCOVERY_PROVIDERS, self._providers, queue="discovery")
+        await nc.subscribe(bus.EVENT_CATALOG_CHANGED, cb=self._on_catalog_changed)  # every replica hears it
+        if not announcement.public_urls(self.settings):
+            log.warning("not announcing on Nostr: neither HTTP_URL nor ONION_URL is set, so clients could not reach us")
+        elif not self.settings.relays:
+            log.warning("not announcing on Nostr: RELAYS is empty")
+        if self.settings.http_url and not announcement.is_public_https(self.settings.http_url):
+            log.warning("HTTP_URL %s is not a public https URL; browser clients such as getbased skip it",
+                        self.settings.http_url)  # fmt: skip
+        self._announce()
+        self._task = asyncio.create_task(self._follow_catalog(nc), name="discovery-catalog")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def _announce(self) -> None:
+        self.relays.announce(announcement.build(self.settings, self.identity.provider_id, self.version, self.catalog))
+
+    async def _on_catalog_changed(self, msg) -> None:
+        self._changed.set()
+
+    async def _follow_catalog(self, nc: NATS) -> None:
+        """Ask billing for the catalog at start, on every change event, and now and then in case one was missed."""
+        retry = 1.0
+        while True:
+            self._changed.clear()
+            try:
+                catalog = await request(nc, bus.BILLING_MODELS, bus.ModelsQuery(), bus.Catalog)
+            except (BusError, NatsError) as exc:
+                log.info("catalog not available yet (%s); retrying in %.0fs", exc, retry)
+                wait, retry = retry, min(retry * 2, CATALOG_RETRY_MAX)
+            else:
+                retry, wait = 1.0, CATALOG_REFRESH
+                if self.catalog is None or catalog.revision != self.catalog.revision:
+                    self.catalog = catalog
+                    self._announce()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), timeout=wait)
+
+    async def _info(self, message: bus.Message) -> bus.NodeIdentity:
+        return self.identity
+
+    async def _providers(self, message: bus.Message) -> bus.Providers:
+        peers = sorted(self.relays.peers.values(), key=lambda p: p.last_seen, reverse=True)
+        return bus.Providers(providers=tuple(peers))

@@ -1,0 +1,139 @@
+"""The wallet service's app: Postgres (migrated, seed loaded), a shared HTTP session for mints, NATS handlers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+import msgspec
+from aiohttp import web
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from prometheus_client import CollectorRegistry
+
+from services.wallet import storage
+from services.wallet.ecash import Secrets
+from services.wallet.mints import Mints
+from services.wallet.node_wallet import NodeWallet
+from shared import bus, db, messaging
+from shared.config import Settings
+from shared.messaging import BusError
+from shared.metrics import WalletMetrics
+from shared.service import CHECKS, NC, POOL, REGISTRY, SETTINGS, nats_check, ops_app, pool_check, retry_start
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+MINT_CALL_TIMEOUT = 20.0  # one mint call; below bus.MINT_TIMEOUT so a caller hears why, not a timeout
+QUEUE = "wallet"
+SWEEP_INTERVAL = 30.0  # seconds between looks for stale pending issues
+STALE_AFTER = 120.0  # an operation pending this long lost its caller (bus.MINT_TIMEOUT is 30 s)
+
+WALLET = web.AppKey("wallet", NodeWallet)
+
+
+async def create_app(settings: Settings) -> web.Application:
+    app = ops_app(settings, CollectorRegistry())
+    app.cleanup_ctx.append(_resources)
+    return app
+
+
+async def _resources(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    metrics = WalletMetrics(app[REGISTRY])
+    async with contextlib.AsyncExitStack() as stack:
+        pool = await retry_start("postgres", lambda: db.create_pool(settings.database_url, max_size=20))
+        stack.push_async_callback(pool.close)
+        async with pool.acquire() as conn:
+            await db.migrate(conn, "wallet", MIGRATIONS)
+            secrets = Secrets(await storage.load_seed(conn))
+        session = aiohttp.ClientSession()
+        stack.push_async_callback(session.close)
+        mints = Mints(session, metrics, MINT_CALL_TIMEOUT)
+        wallet = NodeWallet(pool, mints, secrets, settings.cashu_mints, metrics, session)
+        await wallet.holdings()  # sets the unspent gauges from the start
+        sweeper = asyncio.create_task(_sweep(wallet))
+        stack.push_async_callback(_cancel, sweeper)
+
+        nc = await retry_start("nats", lambda: messaging.connect(settings.nats_url, "wallet"))
+        stack.push_async_callback(nc.drain)
+        in_flight: set[asyncio.Task] = set()
+        subscriptions = [
+            await _serve(nc, subject, handler, in_flight) for subject, handler in _handlers(wallet).items()
+        ]
+        await nc.flush()  # the server knows the subscriptions before anyone is told the service is up
+        app[POOL], app[NC], app[WALLET] = pool, nc, wallet
+        app[CHECKS]["nats"] = nats_check(nc)
+        app[CHECKS]["postgres"] = pool_check(pool)
+        yield
+        for subscription in subscriptions:
+            await subscription.unsubscribe()
+        if in_flight:
+            await asyncio.wait(in_flight, timeout=MINT_CALL_TIMEOUT + 5)
+
+
+async def _sweep(wallet: NodeWallet) -> None:
+    """Settle issues and payouts left pending by a mint outage or a vanished caller, so no proofs
+    stay stuck."""
+    while True:
+        await asyncio.sleep(SWEEP_INTERVAL)
+        try:
+            await wallet.resolve_stale_issues(older_than=STALE_AFTER)
+            await wallet.resolve_stale_payouts(older_than=STALE_AFTER)
+        except Exception:
+            log.exception("settling pending operations failed")
+
+
+async def _cancel(task: asyncio.Task) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def _handlers(wallet: NodeWallet) -> dict[str, Callable[[bus.Message], Awaitable[msgspec.Struct]]]:
+    def expect(kind: type, act: Callable) -> Callable[[bus.Message], Awaitable[msgspec.Struct]]:
+        async def handle(message: bus.Message) -> msgspec.Struct:
+            if not isinstance(message, kind):
+                raise BusError(bus.Error("bad_message", f"expected {kind.__name__}, got {type(message).__name__}"))
+            return await act(message)
+
+        return handle
+
+    return {
+        bus.WALLET_REDEEM: expect(bus.Redeem, lambda m: wallet.redeem(m.token)),
+        bus.WALLET_ISSUE: expect(bus.Issue, lambda m: wallet.issue(m.amount_msat, m.idempotency_key, m.mint_url)),
+        bus.WALLET_HOLDINGS: expect(bus.HoldingsQuery, lambda m: wallet.holdings()),
+        bus.WALLET_PAY: expect(bus.Pay, lambda m: wallet.pay(m.amount_msat, m.idempotency_key, m.lightning_address)),
+    }
+
+
+async def _serve(
+    nc: NATS, subject: str, handler: Callable[[bus.Message], Awaitable[msgspec.Struct]], in_flight: set[asyncio.Task]
+) -> Subscription:
+    """Like `messaging.serve`, but each message runs in its own task: nats-py runs a subscription's
+    callbacks one after another, and one slow mint must not hold up every other request."""
+
+    async def answer(msg: Msg) -> None:
+        try:
+            reply = await handler(bus.decode(msg.data))
+        except msgspec.DecodeError as exc:
+            reply = bus.Error("bad_message", f"undecodable message on {subject}: {exc}", 400)
+        except BusError as exc:
+            reply = exc.error
+        except Exception:
+            log.exception("handler for %s failed", subject)
+            reply = bus.Error("internal", f"{subject} failed", 500)
+        if msg.reply:
+            await msg.respond(bus.encode(reply))
+
+    async def on_message(msg: Msg) -> None:
+        task = asyncio.create_task(answer(msg))
+        in_flight.add(task)
+        task.add_done_callback(in_flight.discard)
+
+    return await nc.subscribe(subject, queue=QUEUE, cb=on_message)
