@@ -20,6 +20,7 @@ from shared import bus
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Handler = Callable[[bus.Message], Awaitable[msgspec.Struct]]
+REQUEST_TIMEOUT_READY = 5.0
 
 
 class BusError(Exception):
@@ -54,24 +55,53 @@ async def connect(url: str, name: str, first_attempt_seconds: float = 2.0) -> NA
     )
 
 
-async def serve(nc: NATS, subject: str, handler: Handler, queue: str) -> None:
-    """Answer `subject` with `handler`; any exception becomes an `internal` Error, never silence."""
+class Responder:
+    """Answers request subjects with typed handlers, each message in its own task.
 
-    async def on_message(msg: Msg) -> None:
-        try:
-            request = bus.decode(msg.data)
-            reply = await handler(request)
-        except msgspec.DecodeError as exc:
-            reply = bus.Error("bad_message", f"undecodable message on {subject}: {exc}", 400)
-        except BusError as exc:
-            reply = exc.error
-        except Exception:
-            log.exception("handler for %s failed", subject)
-            reply = bus.Error("internal", f"{subject} failed", 500)
-        if msg.reply:
-            await msg.respond(bus.encode(reply))
+    nats-py runs one subscription's callbacks one after another, so without a task per message one
+    slow call (a mint, a locked row) would hold up every other request on that subject. Any exception
+    becomes a typed `internal` Error: a caller always gets an answer, never silence.
+    """
 
-    await nc.subscribe(subject, queue=queue, cb=on_message)
+    def __init__(self, nc: NATS, queue: str):
+        self.nc = nc
+        self.queue = queue
+        self.in_flight: set[asyncio.Task] = set()
+        self.subscriptions: list = []
+
+    async def serve(self, subject: str, handler: Handler) -> None:
+        async def answer(msg: Msg) -> None:
+            try:
+                reply = await handler(bus.decode(msg.data))
+            except msgspec.DecodeError as exc:
+                reply = bus.Error("bad_message", f"undecodable message on {subject}: {exc}", 400)
+            except BusError as exc:
+                reply = exc.error
+            except Exception:
+                log.exception("handler for %s failed", subject)
+                reply = bus.Error("internal", f"{subject} failed", 500)
+            if msg.reply:
+                await msg.respond(bus.encode(reply))
+
+        async def on_message(msg: Msg) -> None:
+            task = asyncio.create_task(answer(msg))
+            self.in_flight.add(task)
+            task.add_done_callback(self.in_flight.discard)
+
+        self.subscriptions.append(await self.nc.subscribe(subject, queue=self.queue, cb=on_message))
+        self._last = subject
+
+    async def ready(self) -> None:
+        """Return once the server routes every subject here: `flush()` can overtake queued SUBs, but a
+        request on the last subject is ordered after all of them (an empty body earns an Error reply)."""
+        await self.nc.request(self._last, b"", timeout=REQUEST_TIMEOUT_READY)
+
+    async def close(self, timeout: float) -> None:
+        """Stop taking messages, then let the ones in flight finish."""
+        for subscription in self.subscriptions:
+            await subscription.unsubscribe()
+        if self.in_flight:
+            await asyncio.wait(self.in_flight, timeout=timeout)
 
 
 async def request(

@@ -17,7 +17,7 @@ from nostr_sdk import EventBuilder, Keys, Kind, Tag
 from services.gateway import catalog
 from shared import bus
 from shared.config import ConfigError
-from shared.messaging import connect, request, serve
+from shared.messaging import Responder, connect, request
 from tests.test_discovery import eventually, relay  # noqa: F401  (relay is a fixture)
 
 PRICE = bus.Price(request_msat=1500, prompt_msat_per_m=2_500_000, completion_msat_per_m=10_000_001)
@@ -213,8 +213,9 @@ async def test_models_follow_catalog_changes_and_survive_billing_outages(make_no
     async def answer(message):
         return current["catalog"]
 
-    await serve(nc, bus.BILLING_MODELS, answer, queue="billing")
-    await nc.flush()  # subscribed before anyone asks
+    billing = Responder(nc, "billing")
+    await billing.serve(bus.BILLING_MODELS, answer)
+    await billing.ready()  # subscribed before anyone asks
     try:
         assert [m["id"] for m in await models(http, node)] == ["a"]
         current["catalog"] = bus.Catalog((entry("a"), entry("b")), "100000", False, "r2")

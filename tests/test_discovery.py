@@ -29,7 +29,7 @@ from devstack.processes import free_port
 from services.discovery import announcement
 from shared import bus
 from shared.config import ConfigError, load_settings
-from shared.messaging import connect, request, serve
+from shared.messaging import Responder, connect, request
 
 KIND = 38421
 
@@ -313,8 +313,9 @@ async def test_catalog_change_event_republishes_with_new_prices(make_node, relay
         return current["catalog"]
 
     try:
-        await serve(nc, bus.BILLING_MODELS, answer, queue="billing")
-        await nc.flush()  # subscribed before discovery asks
+        billing = Responder(nc, "billing")
+        await billing.serve(bus.BILLING_MODELS, answer)
+        await billing.ready()  # subscribed before discovery asks
         await make_node(services=("discovery",), RELAYS=relay.url, HTTP_URL="https://node.example")
 
         def prompt_price(events) -> float | None:

@@ -87,11 +87,10 @@ async def _resources(app: web.Application):
     accounts = Accounts(ledger, catalog, nc, metrics, settings.default_max_tokens)
     app[ACCOUNTS] = accounts
     await catalog.refresh()
+    responder = messaging.Responder(nc, "billing")
     for subject in SUBJECTS:
-        await messaging.serve(nc, subject, accounts.handle, queue="billing")
-    # nats-py 2.16's flush() writes its PING ahead of queued SUBs, so it proves nothing; a request on our own
-    # connection is ordered after them and comes back only once the server knows every subject.
-    await messaging.request(nc, bus.BILLING_MODELS, bus.ModelsQuery(), bus.Catalog)
+        await responder.serve(subject, accounts.handle)
+    await responder.ready()
 
     async def refresh_catalog() -> None:
         if await catalog.refresh():
@@ -120,6 +119,7 @@ async def _resources(app: web.Application):
         asyncio.create_task(every(CATALOG_REFRESH, refresh_catalog, stop)),
     ]
     yield
+    await responder.close(timeout=10)
     stop.set()
     await asyncio.gather(*tasks, return_exceptions=True)
     await nc.drain()

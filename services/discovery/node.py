@@ -15,7 +15,7 @@ from services.discovery.identity import provider_id
 from services.discovery.relays import Relays
 from shared import bus
 from shared.config import Settings
-from shared.messaging import BusError, request, serve
+from shared.messaging import BusError, Responder, request
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,9 @@ class Discovery:
         self._task: asyncio.Task | None = None
 
     async def start(self, nc: NATS) -> None:
-        await serve(nc, bus.DISCOVERY_INFO, self._info, queue="discovery")
-        await serve(nc, bus.DISCOVERY_PROVIDERS, self._providers, queue="discovery")
+        responder = Responder(nc, "discovery")
+        await responder.serve(bus.DISCOVERY_INFO, self._info)
+        await responder.serve(bus.DISCOVERY_PROVIDERS, self._providers)
         await nc.subscribe(bus.EVENT_CATALOG_CHANGED, cb=self._on_catalog_changed)  # every replica hears it
         if not announcement.public_urls(self.settings):
             log.warning("not announcing on Nostr: neither HTTP_URL nor ONION_URL is set, so clients could not reach us")

@@ -11,9 +11,6 @@ from pathlib import Path
 import aiohttp
 import msgspec
 from aiohttp import web
-from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 from prometheus_client import CollectorRegistry
 
 from services.wallet import storage
@@ -62,19 +59,15 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
 
         nc = await retry_start("nats", lambda: messaging.connect(settings.nats_url, "wallet"))
         stack.push_async_callback(nc.drain)
-        in_flight: set[asyncio.Task] = set()
-        subscriptions = [
-            await _serve(nc, subject, handler, in_flight) for subject, handler in _handlers(wallet).items()
-        ]
-        await nc.flush()  # the server knows the subscriptions before anyone is told the service is up
+        responder = messaging.Responder(nc, QUEUE)
+        for subject, handler in _handlers(wallet).items():
+            await responder.serve(subject, handler)
+        await responder.ready()  # the server routes every subject here before anyone is told we are up
         app[POOL], app[NC], app[WALLET] = pool, nc, wallet
         app[CHECKS]["nats"] = nats_check(nc)
         app[CHECKS]["postgres"] = pool_check(pool)
         yield
-        for subscription in subscriptions:
-            await subscription.unsubscribe()
-        if in_flight:
-            await asyncio.wait(in_flight, timeout=MINT_CALL_TIMEOUT + 5)
+        await responder.close(timeout=MINT_CALL_TIMEOUT + 5)
 
 
 async def _sweep(wallet: NodeWallet) -> None:
@@ -110,30 +103,3 @@ def _handlers(wallet: NodeWallet) -> dict[str, Callable[[bus.Message], Awaitable
         bus.WALLET_HOLDINGS: expect(bus.HoldingsQuery, lambda m: wallet.holdings()),
         bus.WALLET_PAY: expect(bus.Pay, lambda m: wallet.pay(m.amount_msat, m.idempotency_key, m.lightning_address)),
     }
-
-
-async def _serve(
-    nc: NATS, subject: str, handler: Callable[[bus.Message], Awaitable[msgspec.Struct]], in_flight: set[asyncio.Task]
-) -> Subscription:
-    """Like `messaging.serve`, but each message runs in its own task: nats-py runs a subscription's
-    callbacks one after another, and one slow mint must not hold up every other request."""
-
-    async def answer(msg: Msg) -> None:
-        try:
-            reply = await handler(bus.decode(msg.data))
-        except msgspec.DecodeError as exc:
-            reply = bus.Error("bad_message", f"undecodable message on {subject}: {exc}", 400)
-        except BusError as exc:
-            reply = exc.error
-        except Exception:
-            log.exception("handler for %s failed", subject)
-            reply = bus.Error("internal", f"{subject} failed", 500)
-        if msg.reply:
-            await msg.respond(bus.encode(reply))
-
-    async def on_message(msg: Msg) -> None:
-        task = asyncio.create_task(answer(msg))
-        in_flight.add(task)
-        task.add_done_callback(in_flight.discard)
-
-    return await nc.subscribe(subject, queue=QUEUE, cb=on_message)
