@@ -138,106 +138,49 @@ class Ledger:
     # ---- reservations and settlement -------------------------------------------------------
 
     async def reserve(self, message: bus.Reserve, model: str, price: bus.Price, amount: int) -> bus.Reserved:
-        """Hold `amount` in one conditional UPDATE: concurrent calls on one key can never overspend."""
-        reservation_id = uuid.uuid4().hex
-        existing = await self._reservation_of(message.request_id)
-        if existing is not None:
-            return existing  # a retried message: the hold is already there, even if another would not fit
+        """Hold `amount` with one conditional UPDATE (in `billing.reserve`): concurrent calls on one key can
+        never overspend, and a retried request gets its existing hold back."""
+        args = (message.key_hash, message.request_id, uuid.uuid4().hex, model, amount, bus.encode(price))
         try:
-            async with self.pool.acquire() as conn, conn.transaction():
-                row = await conn.fetchrow(
-                    "UPDATE billing.keys SET reserved_msat = reserved_msat + $2"
-                    " WHERE key_hash = $1 AND balance_msat - reserved_msat >= $2"
-                    " RETURNING balance_msat - reserved_msat AS spendable",
-                    message.key_hash, amount,
-                )  # fmt: skip
-                if row is None:
-                    info = await conn.fetchrow(
-                        "SELECT balance_msat - reserved_msat AS spendable FROM billing.keys WHERE key_hash = $1",
-                        message.key_hash,
-                    )
-                    if info is None:
-                        raise LedgerError(fail("unknown_key", "Invalid API key: no such key", 401))
-                    raise LedgerError(fail(
-                        "insufficient_balance",
-                        f"Insufficient balance: {amount} msat required, {info['spendable']} msat available",
-                        402,
-                    ))  # fmt: skip
-                await conn.execute(
-                    "INSERT INTO billing.reservations (reservation_id, request_id, key_hash, model, amount_msat, price)"
-                    " VALUES ($1, $2, $3, $4, $5, $6)",
-                    reservation_id, message.request_id, message.key_hash, model, amount, bus.encode(price),
-                )  # fmt: skip
-                await _entry(conn, f"reserve:{reservation_id}", "reserve", user(message.key_hash),
-                             held(message.key_hash), amount, message.key_hash)  # fmt: skip
-        except asyncpg.UniqueViolationError:
-            # The same request raced itself (a retry while the first was in flight): answer with the winner.
-            return await self._reservation_of(message.request_id)
-        return bus.Reserved(reservation_id, amount, row["spendable"], model, price)
-
-    async def _reservation_of(self, request_id: str) -> bus.Reserved | None:
-        row = await self.pool.fetchrow(
-            "SELECT r.*, k.balance_msat - k.reserved_msat AS spendable FROM billing.reservations r"
-            " JOIN billing.keys k USING (key_hash) WHERE r.request_id = $1", request_id,
-        )  # fmt: skip
-        if row is None:
-            return None
+            row = await self.pool.fetchrow("SELECT * FROM billing.reserve($1, $2, $3, $4, $5, $6)", *args)
+        except asyncpg.UniqueViolationError:  # the same request raced itself: the winner's hold is the answer
+            row = await self.pool.fetchrow("SELECT * FROM billing.reserve($1, $2, $3, $4, $5, $6)", *args)
+        if row["outcome"] == "unknown_key":
+            raise LedgerError(fail("unknown_key", "Invalid API key: no such key", 401))
+        if row["outcome"] == "insufficient":
+            message_text = f"Insufficient balance: {amount} msat required, {row['spendable']} msat available"
+            raise LedgerError(fail("insufficient_balance", message_text, 402))
         return bus.Reserved(row["reservation_id"], row["amount_msat"], row["spendable"], row["model"],
                             _price(row["price"]))  # fmt: skip
 
     async def settle(self, usage: bus.Usage) -> bus.Settled:
-        """Charge a call's usage exactly once (by request id), release the rest of its reservation."""
-        async with self.pool.acquire() as conn, conn.transaction():
-            # Lock the reservation first: the stream and a direct request may settle the same call at once.
-            reservation = await conn.fetchrow(
-                "SELECT * FROM billing.reservations WHERE reservation_id = $1 FOR UPDATE", usage.reservation_id
-            )
-            done = await conn.fetchrow("SELECT * FROM billing.settlements WHERE request_id = $1", usage.request_id)
-            if done is not None:
-                return _settled(done, already=True)
-            if reservation is None or reservation["key_hash"] != usage.key_hash:
-                raise LedgerError(fail("unknown_reservation", "no such reservation", 404))
-            key_hash = usage.key_hash
-            key = await conn.fetchrow("SELECT * FROM billing.keys WHERE key_hash = $1 FOR UPDATE", key_hash)
-            price = _price(reservation["price"])
-            if usage.source == "failed":
-                base = input_msat = output_msat = total = 0
-            else:
-                base, input_msat, output_msat, total = pricing.cost(
-                    price, usage.prompt_tokens, usage.completion_tokens, usage.cache_read_tokens,
-                    usage.cache_write_tokens,
-                )  # fmt: skip
-            still_held = reservation["amount_msat"] if reservation["state"] == "open" else 0
-            # Never below zero: the charge may use the held amount and whatever no other call holds.
-            free = key["balance_msat"] - key["reserved_msat"]
-            charge = min(total, still_held + free)
-            from_held = min(charge, still_held)
-            ran = usage.source != "failed"
-            row = await conn.fetchrow(
-                "UPDATE billing.keys SET balance_msat = balance_msat - $2, reserved_msat = reserved_msat - $3,"
-                " total_requests = total_requests + $4, total_spent_msat = total_spent_msat + $2"
-                " WHERE key_hash = $1 RETURNING *",
-                key_hash, charge, still_held, int(ran),
+        """Charge a call's usage exactly once (by request id) and release the rest of its reservation.
+
+        The price is the one fixed at reservation; the cost is computed here with `shared.pricing` and
+        applied by `billing.settle` in one round trip, which locks, caps and writes the ledger rows.
+        """
+        row = await self.pool.fetchrow(
+            "SELECT r.price, s.cost_msat, s.base_msat, s.input_msat, s.output_msat, s.balance_msat"
+            " FROM billing.reservations r LEFT JOIN billing.settlements s ON s.request_id = $2"
+            " WHERE r.reservation_id = $1 AND r.key_hash = $3",
+            usage.reservation_id, usage.request_id, usage.key_hash,
+        )  # fmt: skip
+        if row is None:
+            raise LedgerError(fail("unknown_reservation", "no such reservation", 404))
+        if row["cost_msat"] is not None:
+            return _settled(usage.request_id, row, already=True)
+        if usage.source == "failed":
+            base = input_msat = output_msat = total = 0
+        else:
+            base, input_msat, output_msat, total = pricing.cost(
+                _price(row["price"]), usage.prompt_tokens, usage.completion_tokens, usage.cache_read_tokens,
+                usage.cache_write_tokens,
             )  # fmt: skip
-            rid = usage.request_id
-            await _entry(conn, f"settle:{rid}", "settle", held(key_hash), REVENUE, from_held, key_hash)
-            await _entry(conn, f"release:{rid}", "release", held(key_hash), user(key_hash), still_held - from_held,
-                         key_hash)  # fmt: skip
-            await _entry(conn, f"settle-over:{rid}", "settle", user(key_hash), REVENUE, charge - from_held, key_hash)
-            await conn.execute(
-                "UPDATE billing.reservations SET state = 'settled' WHERE reservation_id = $1", usage.reservation_id
-            )
-            # Scale the parts down if the charge was capped, so they still add up to what was charged.
-            if charge < total:
-                base, input_msat = min(base, charge), min(input_msat, max(charge - base, 0))
-                output_msat = charge - base - input_msat
-            done = await conn.fetchrow(
-                "INSERT INTO billing.settlements (request_id, key_hash, source, cost_msat, base_msat, input_msat,"
-                " output_msat, balance_msat) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING *",
-                rid, key_hash, usage.source, charge, base, input_msat, output_msat,
-                row["balance_msat"] - row["reserved_msat"],
-            )  # fmt: skip
-            return _settled(done, already=False)
+        done = await self.pool.fetchrow(
+            "SELECT * FROM billing.settle($1, $2, $3, $4, $5, $6, $7, $8)",
+            usage.request_id, usage.reservation_id, usage.key_hash, usage.source, base, input_msat, output_msat, total,
+        )  # fmt: skip
+        return _settled(usage.request_id, done, already=done["already"])
 
     async def expire(self, ttl_seconds: int) -> int:
         """Release reservations whose usage never came (the sweeper); each release is a ledger entry."""
@@ -312,6 +255,9 @@ class Ledger:
     async def complete_refund(self, refund: PendingRefund, key_hash: str, token: str | None, fee: int) -> bus.Refunded:
         """The payout happened: mark it paid; a mint fee the node paid to cut the token is its expense."""
         async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow("SELECT * FROM billing.refunds WHERE refund_id = $1 FOR UPDATE", refund.refund_id)
+            if row["state"] != "pending":
+                return _refunded(row)  # a concurrent retry of the same refund completed it first
             row = await conn.fetchrow(
                 "UPDATE billing.refunds SET state = 'paid', token = $2, fee_msat = $3"
                 " WHERE refund_id = $1 RETURNING *", refund.refund_id, token, fee,
@@ -369,9 +315,9 @@ def _struct_dict(struct) -> dict:
     return {f: getattr(struct, f) for f in struct.__struct_fields__}
 
 
-def _settled(row: asyncpg.Record, already: bool) -> bus.Settled:
+def _settled(request_id: str, row: asyncpg.Record, already: bool) -> bus.Settled:
     return bus.Settled(
-        request_id=row["request_id"], cost_msat=row["cost_msat"], input_msat=row["input_msat"],
+        request_id=request_id, cost_msat=row["cost_msat"], input_msat=row["input_msat"],
         output_msat=row["output_msat"], base_msat=row["base_msat"], balance_msat=row["balance_msat"], already=already,
     )  # fmt: skip
 
