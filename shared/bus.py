@@ -97,6 +97,7 @@ class Usage(msgspec.Struct, tag="usage", frozen=True):
     source: str = "reported"
     status: int = 200
     ts: float = 0.0
+    price: Price | None = None  # the reservation's price, echoed so billing settles in one round trip
 
 
 class Settled(msgspec.Struct, tag="settled", frozen=True):

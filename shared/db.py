@@ -19,8 +19,13 @@ class MigrationError(RuntimeError):
     """An applied migration was edited, or the database is ahead of this code."""
 
 
-async def create_pool(url: str, min_size: int = 2, max_size: int = 10) -> asyncpg.Pool:
-    return await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, command_timeout=30)
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Skip asyncpg's per-release session reset (a round trip on every query) for code keeping no session state."""
+
+
+async def create_pool(url: str, min_size: int = 2, max_size: int = 10, reset_session: bool = True) -> asyncpg.Pool:
+    reset = None if reset_session else _keep_session
+    return await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, command_timeout=30, reset=reset)
 
 
 def _files(folder: Path) -> list[tuple[int, str, str]]:

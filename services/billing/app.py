@@ -10,7 +10,6 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 from nats.aio.client import Client as NATS
-from nats.errors import TimeoutError as NatsTimeout
 from prometheus_client import CollectorRegistry
 
 from services.billing.accounts import Accounts
@@ -43,7 +42,7 @@ async def consume_usage(nc: NATS, accounts: Accounts, stop: asyncio.Event) -> No
         while not stop.is_set():
             try:
                 messages = await sub.fetch(64, timeout=1)
-            except NatsTimeout:
+            except TimeoutError:  # nats-py raises its own TimeoutError or asyncio's, by code path
                 continue
             for msg in messages:
                 try:
@@ -76,7 +75,8 @@ async def _resources(app: web.Application):
     settings = app[SETTINGS]
     metrics = app[METRICS]
     await retry_start("DATABASE_URL", lambda: db.migrate_url(settings.database_url, "billing", MIGRATIONS))
-    pool = await db.create_pool(settings.database_url, max_size=20)
+    # Billing keeps no session state (no advisory locks, no SET), so pooled connections need no reset.
+    pool = await db.create_pool(settings.database_url, max_size=20, reset_session=False)
     nc = await retry_start("NATS_URL", lambda: messaging.connect(settings.nats_url, "billing"))
     await messaging.ensure_usage_stream(nc, settings.usage_stream_replicas)
     app[POOL], app[NC] = pool, nc

@@ -156,30 +156,31 @@ class Ledger:
     async def settle(self, usage: bus.Usage) -> bus.Settled:
         """Charge a call's usage exactly once (by request id) and release the rest of its reservation.
 
-        The price is the one fixed at reservation; the cost is computed here with `shared.pricing` and
-        applied by `billing.settle` in one round trip, which locks, caps and writes the ledger rows.
+        The cost is computed here with `shared.pricing` at the reservation's price and applied by
+        `billing.settle` in one round trip, which checks that price, locks, caps and writes the ledger.
         """
-        row = await self.pool.fetchrow(
-            "SELECT r.price, s.cost_msat, s.base_msat, s.input_msat, s.output_msat, s.balance_msat"
-            " FROM billing.reservations r LEFT JOIN billing.settlements s ON s.request_id = $2"
-            " WHERE r.reservation_id = $1 AND r.key_hash = $3",
-            usage.reservation_id, usage.request_id, usage.key_hash,
-        )  # fmt: skip
-        if row is None:
-            raise LedgerError(fail("unknown_reservation", "no such reservation", 404))
-        if row["cost_msat"] is not None:
-            return _settled(usage.request_id, row, already=True)
+        price = usage.price
+        if price is None:  # an event without the price: read it from the reservation first
+            stored = await self.pool.fetchval(
+                "SELECT price FROM billing.reservations WHERE reservation_id = $1", usage.reservation_id
+            )
+            if stored is None:
+                raise LedgerError(fail("unknown_reservation", "no such reservation", 404))
+            price = _price(stored)
         if usage.source == "failed":
             base = input_msat = output_msat = total = 0
         else:
             base, input_msat, output_msat, total = pricing.cost(
-                _price(row["price"]), usage.prompt_tokens, usage.completion_tokens, usage.cache_read_tokens,
-                usage.cache_write_tokens,
+                price, usage.prompt_tokens, usage.completion_tokens, usage.cache_read_tokens, usage.cache_write_tokens
+            )
+        try:
+            done = await self.pool.fetchrow(
+                "SELECT * FROM billing.settle($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                usage.request_id, usage.reservation_id, usage.key_hash, usage.source, base, input_msat, output_msat,
+                total, bus.encode(price),
             )  # fmt: skip
-        done = await self.pool.fetchrow(
-            "SELECT * FROM billing.settle($1, $2, $3, $4, $5, $6, $7, $8)",
-            usage.request_id, usage.reservation_id, usage.key_hash, usage.source, base, input_msat, output_msat, total,
-        )  # fmt: skip
+        except asyncpg.NoDataFoundError:
+            raise LedgerError(fail("unknown_reservation", "no such reservation at that price", 404)) from None
         return _settled(usage.request_id, done, already=done["already"])
 
     async def expire(self, ttl_seconds: int) -> int:

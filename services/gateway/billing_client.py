@@ -53,16 +53,14 @@ class BillingClient:
     async def settle(self, usage: bus.Usage) -> bus.Settled | None:
         """Settle now, so the response can show the cost and the balance is free for the next call.
 
-        The event also goes into the usage stream (without waiting for its ack on the hot path);
-        if billing does not answer, the acknowledged publish makes sure the stream has it, and
-        billing settles from there, exactly once.
+        If billing does not confirm (down, slow, restarting), the event goes into the durable usage
+        stream, acknowledged, and billing settles it from there: exactly once either way, since
+        settlement is keyed by request id.
         """
-        data = bus.encode(usage)
-        await self.nc.publish(bus.USAGE_SUBJECT, data, headers=self._msg_id(usage))
         try:
             return await request(self.nc, bus.BILLING_SETTLE, usage, bus.Settled)
         except BusError:
-            await self.js.publish(bus.USAGE_SUBJECT, data, headers=self._msg_id(usage))
+            await self.record_usage(usage)
             return None
 
     @staticmethod

@@ -37,9 +37,10 @@ BEGIN
 END $$;
 
 -- Charge a call once (by request id): the held amount first, then whatever no other call holds, never
--- below zero; release the rest. The parts are scaled down when the charge was capped.
+-- below zero; release the rest. The parts are scaled down when the charge was capped. The cost was
+-- computed by the caller at p_price, which must be the price the reservation was made at.
 CREATE FUNCTION billing.settle(p_request text, p_reservation text, p_key text, p_source text,
-                               p_base bigint, p_input bigint, p_output bigint, p_total bigint)
+                               p_base bigint, p_input bigint, p_output bigint, p_total bigint, p_price bytea)
 RETURNS TABLE (already boolean, cost_msat bigint, base_msat bigint, input_msat bigint, output_msat bigint,
                balance_msat bigint)
 LANGUAGE plpgsql AS $$
@@ -61,7 +62,7 @@ BEGIN
         RETURN QUERY SELECT true, s.cost_msat, s.base_msat, s.input_msat, s.output_msat, s.balance_msat;
         RETURN;
     END IF;
-    IF r.reservation_id IS NULL OR r.key_hash <> p_key THEN
+    IF r.reservation_id IS NULL OR r.key_hash <> p_key OR r.price <> p_price THEN
         RAISE EXCEPTION 'no such reservation' USING ERRCODE = 'P0002';
     END IF;
     v_held := CASE WHEN r.state = 'open' THEN r.amount_msat ELSE 0 END;
