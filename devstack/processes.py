@@ -117,6 +117,7 @@ def _as_postgres_user() -> dict:
 def start_postgres(workdir: Path) -> Service:
     """A throwaway cluster (trust auth on loopback, fsync off) owned by an unprivileged user."""
     bindir = _postgres_bin()
+    workdir = workdir.resolve()  # the postgres user needs every absolute parent to be traversable
     workdir.mkdir(parents=True, exist_ok=True)
     data = workdir / "data"
     creds = _as_postgres_user()

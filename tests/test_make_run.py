@@ -1,0 +1,61 @@
+"""`make run`'s orchestrator, end to end: a fresh folder, no configuration, a paid call, then Ctrl-C stops it all."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from devstack.processes import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _post(url: str, body: dict, headers: dict) -> tuple[int, dict, dict]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return response.status, dict(response.headers), json.loads(response.read())
+
+
+def test_make_run_brings_up_a_working_node_and_stops_everything(tmp_path: Path, nats_server):
+    port = free_port()
+    unset = {"NATS_URL", "DATABASE_URL", "CASHU_MINTS", "UPSTREAM_BASE_URL"}
+    env = {k: v for k, v in os.environ.items() if k not in unset}
+    env.update(PORT=str(port), BILLING_PORT=str(free_port()), WALLET_PORT=str(free_port()),
+               DISCOVERY_PORT=str(free_port()), RELAYS="", HOST="127.0.0.1", PYTHONPATH=str(REPO))  # fmt: skip
+    # External NATS (the test's) and embedded Postgres: both modes in one run.
+    env["NATS_URL"] = nats_server.url
+    node = subprocess.Popen([sys.executable, "-m", "devstack"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+    output = ""
+    try:
+        deadline = time.monotonic() + 120
+        while "Routstr node is up" not in output:
+            line = node.stdout.readline()
+            assert line or node.poll() is None, output
+            output += line
+            assert time.monotonic() < deadline, output
+        assert "DEVELOPMENT MODE" in output and "started NATS" not in output and "started Postgres" in output
+        token = subprocess.run([sys.executable, "-m", "devstack.token", "50"], cwd=tmp_path, env=env,
+                               capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+        assert token.startswith("cashuB")
+        status, headers, body = _post(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20},
+            {"X-Cashu": token, "Content-Type": "application/json"},
+        )
+        assert status == 200 and body["choices"][0]["message"]["content"]
+        assert headers["X-Cashu"].startswith("cashu")
+    finally:
+        node.send_signal(signal.SIGINT)
+        rest, _ = node.communicate(timeout=60)
+        output += rest
+    assert node.returncode == 0, output
+    leftovers = subprocess.run(["pgrep", "-f", str(tmp_path / ".run")], capture_output=True, text=True).stdout.split()
+    running = subprocess.run(["ps", "-o", "pid,args", "-p", ",".join(leftovers)], capture_output=True, text=True)
+    assert not leftovers, f"processes left running: {running.stdout}"
