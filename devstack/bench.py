@@ -23,6 +23,7 @@ import urllib.request
 from pathlib import Path
 
 import aiohttp
+import uvloop
 
 from devstack import processes
 from shared import bus, messaging
@@ -139,6 +140,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--concurrency", type=int, default=32)
     args = parser.parse_args()
+    uvloop.install()  # the load generator should not be the bottleneck of either path
     work = Path(tempfile.mkdtemp(prefix="routstr-bench-"))
     nats = processes.start_nats(work / "nats")
     postgres = processes.start_postgres(work / "postgres")

@@ -40,7 +40,7 @@ class GatewayMetrics:
             ["mode", "outcome"], registry=registry,
         )  # fmt: skip
         self.usage_published = Counter(
-            "routstr_usage_events_published_total", "Usage events sent to the usage stream",
+            "routstr_usage_events_published_total", "Usage reports handed to billing (settled now or via the stream)",
             ["source"], registry=registry,
         )  # fmt: skip
 

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import asyncpg
+import uvloop
 from aiohttp import web
 from nats.aio.client import Client as NATS
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -125,6 +126,7 @@ def main(
             print(f"{service}: applied {len(applied)} migration(s): {', '.join(applied) or 'none pending'}")
             return
         require(settings, *needs)
+        uvloop.install()  # libuv's event loop: markedly less CPU per socket operation on the hot path
         web.run_app(
             build(settings),
             host=settings.host,

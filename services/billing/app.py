@@ -44,6 +44,11 @@ async def consume_usage(nc: NATS, accounts: Accounts, stop: asyncio.Event) -> No
                 messages = await sub.fetch(64, timeout=1)
             except TimeoutError:  # nats-py raises its own TimeoutError or asyncio's, by code path
                 continue
+            except Exception as exc:  # e.g. NATS reconnecting: the consumer must outlive it
+                log.warning("usage stream fetch failed (%s); retrying", exc.__class__.__name__)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 1)
+                continue
             for msg in messages:
                 try:
                     usage = bus.decode(msg.data)

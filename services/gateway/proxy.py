@@ -339,7 +339,7 @@ class Proxy:
             # Even the stream publish failed (NATS down): the sweeper releases the reservation.
             log.exception("could not record usage for %s", call.request_id)
             return None
-        self.metrics.usage_published.labels(source).inc()  # in the stream now, settled or not
+        self.metrics.usage_published.labels(source).inc()  # settled at once, or safe in the stream
         return settled
 
     def _settle_later(self, call: Call, source: str, status: int) -> None:
