@@ -113,3 +113,11 @@ def test_unreachable_nats_at_start_fails_clearly():
     result = _run_service("gateway", env)
     assert result.returncode == 2
     assert "NATS_URL: not reachable" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_unreachable_postgres_at_start_fails_clearly(nats_server):
+    env = {"NATS_URL": nats_server.url, "DATABASE_URL": f"postgresql://postgres@127.0.0.1:{free_port()}/x",
+           "BILLING_PORT": str(free_port())}  # fmt: skip
+    result = _run_service("billing", env)
+    assert result.returncode == 2
+    assert "DATABASE_URL: not reachable" in result.stderr and "Traceback" not in result.stderr

@@ -261,3 +261,19 @@ async def test_ops_endpoints(node, http):
         assert response.status == 200 and (await response.json())["checks"]["nats"] is True
     async with http.get(f"{node.url}/metrics") as response:
         assert "routstr_http_requests_total" in await response.text()
+
+
+async def test_client_disconnect_stops_the_stream_and_charges_only_what_was_sent(node, http):
+    key = await funded_key(node.settings.nats_url, 100_000)
+    body = {"model": "m", "stream": True, "max_tokens": 400,
+            "messages": [{"role": "user", "content": "[[tokens:400]] [[slow:8]]"}]}  # fmt: skip
+    async with http.post(f"{node.url}{CHAT}", json=body, headers=auth(key)) as response:
+        await response.content.readuntil(b"\n\n")
+        await response.content.readuntil(b"\n\n")
+        response.close()  # the client walks away after two events
+    info = await settled_balance(http, node, key)
+    charged = 100_000 - info["balance"]
+    # Estimated from what reached the client: the per-request price and a few tokens, far below the
+    # 400-token reservation (4000 msat) and far below what the full answer would have cost.
+    assert 1000 <= charged < 1000 + 2000
+    assert info["total_requests"] == 1 and info["total_spent"] == charged
