@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import aiohttp
 import asyncpg
@@ -311,24 +311,12 @@ class NodeWallet:
         """Settle issues left pending (mint down mid-swap, caller gone) so their proofs are not stuck:
         a swap the mint executed is restored and its token kept for a retry; one it never executed
         is undone. Returns how many were settled."""
-        async with self._pool.acquire() as conn:
-            keys = await conn.fetch(
-                """SELECT idempotency_key FROM wallet.issues
-                   WHERE state = 'pending' AND created_at < now() - make_interval(secs => $1)""",
-                older_than,
-            )
-        settled = 0
-        for (key,) in keys:
-            try:
-                async with self._exclusive(storage.issue_op(key)) as conn:
-                    row = await storage.get_issue(conn, key)
-                    if row is not None and row["state"] == "pending":
-                        await self._resume_issue(conn, row, swap=False)
-                        settled += 1
-            except BusError as exc:
-                log.warning("pending issue not settled yet: %s", exc.error.message)
-        return settled
 
+        async def resume(conn: asyncpg.Connection, row: asyncpg.Record) -> bool:
+            await self._resume_issue(conn, row, swap=False)
+            return True
+
+        return await self._resolve_stale("issues", storage.issue_op, storage.get_issue, resume, older_than)
     async def _resume_issue(
         self, conn: asyncpg.Connection, row: asyncpg.Record, swap: bool = True
     ) -> bus.Issued | None:
@@ -522,36 +510,42 @@ class NodeWallet:
     async def resolve_stale_payouts(self, older_than: float) -> int:
         """Settle payouts whose melt outcome was left unknown: a paid one is finished (its change
         kept), an unpaid one whose inputs are untouched is undone; one still in flight waits."""
+
+        async def settle(conn: asyncpg.Connection, row: asyncpg.Record) -> bool:
+            client = self._mints.get(row["mint_url"])
+            outcome = await self._melt_outcome(conn, row, client)
+            if outcome is not None:
+                return outcome.status != "pending"
+            inputs = await storage.pending_inputs(conn, storage.payout_op(row["idempotency_key"]))
+            states = await self._states(client, inputs)
+            if any(states.get(p.Y) != "UNSPENT" for p in inputs):
+                return False
+            async with conn.transaction():
+                await storage.drop_payout(conn, row["idempotency_key"])
+                await self._update_gauges(conn)
+            return True
+
+        return await self._resolve_stale("payouts", storage.payout_op, storage.get_payout, settle, older_than)
+
+    async def _resolve_stale(self, table: str, op: Callable[[str], str], get: Callable, resolve: Callable,
+                             older_than: float) -> int:  # fmt: skip
+        """Run `resolve` under its operation lock on each `table` row pending for over `older_than` s."""
         async with self._pool.acquire() as conn:
             keys = await conn.fetch(
-                """SELECT idempotency_key FROM wallet.payouts
-                   WHERE state = 'pending' AND created_at < now() - make_interval(secs => $1)""",
+                f"SELECT idempotency_key FROM wallet.{table}"
+                " WHERE state = 'pending' AND created_at < now() - make_interval(secs => $1)",
                 older_than,
             )
         settled = 0
         for (key,) in keys:
             try:
-                async with self._exclusive(storage.payout_op(key)) as conn:
-                    row = await storage.get_payout(conn, key)
-                    if row is None or row["state"] != "pending":
-                        continue
-                    client = self._mints.get(row["mint_url"])
-                    outcome = await self._melt_outcome(conn, row, client)
-                    if outcome is None:
-                        inputs = await storage.pending_inputs(conn, storage.payout_op(key))
-                        states = await self._states(client, inputs)
-                        if any(states.get(p.Y) != "UNSPENT" for p in inputs):
-                            continue
-                        async with conn.transaction():
-                            await storage.drop_payout(conn, key)
-                            await self._update_gauges(conn)
-                    elif outcome.status == "pending":
-                        continue
-                    settled += 1
+                async with self._exclusive(op(key)) as conn:
+                    row = await get(conn, key)
+                    if row is not None and row["state"] == "pending" and await resolve(conn, row):
+                        settled += 1
             except BusError as exc:
-                log.warning("pending payout not settled yet: %s", exc.error.message)
+                log.warning("pending %s not settled yet: %s", table, exc.error.message)
         return settled
-
     async def _states(self, client: MintClient, proofs: Sequence[Proof]) -> dict[str, str]:
         if not proofs:
             return {}
