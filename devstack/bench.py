@@ -1,9 +1,11 @@
 """`make bench`: the gateway's added latency and its throughput, against a direct call to the same upstream.
 
 One run starts NATS, Postgres, the stub upstream and the node's services as separate processes (as in
-production), funds an `sk-` key, then measures in turn the stub called directly and the same request
-through the gateway: an open-loop run at a fixed rate (latency p50/p99) and a closed-loop run at fixed
-concurrency (throughput). It prints the figures and the ratios, and writes them to `.run/bench.json`.
+production) and funds `sk-` keys, one per concurrent client: real traffic spreads over many keys, and
+one key's calls serialize on its row lock, the price of never overspending. It then measures in turn
+the stub called directly and the same request through the gateway: an open-loop run at a fixed rate
+(latency p50/p99) and a closed-loop run at fixed concurrency (throughput). It prints the figures and
+the ratios, and writes them to `.run/bench.json`.
 """
 
 from __future__ import annotations
@@ -36,13 +38,13 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def _open_loop(session, url: str, headers: dict, rate: int, seconds: float) -> dict:
+async def _open_loop(session, url: str, headers: list[dict], rate: int, seconds: float) -> dict:
     """Send at a fixed rate whatever the answers do (no coordinated omission); latency per request."""
     latencies: list[float] = []
     errors = 0
     data = json.dumps(BODY).encode()
 
-    async def one() -> None:
+    async def one(headers: dict) -> None:
         nonlocal errors
         start = time.perf_counter()
         try:
@@ -63,19 +65,19 @@ async def _open_loop(session, url: str, headers: dict, rate: int, seconds: float
         delay = begin + i / rate - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        tasks.append(asyncio.ensure_future(one()))
+        tasks.append(asyncio.ensure_future(one(headers[i % len(headers)])))
     await asyncio.gather(*tasks)
     ms = [x * 1000 for x in latencies]
     return {"sent": total, "errors": errors, "p50_ms": _percentile(ms, 0.5), "p99_ms": _percentile(ms, 0.99),
             "mean_ms": statistics.fmean(ms)}  # fmt: skip
 
 
-async def _closed_loop(session, url: str, headers: dict, concurrency: int, seconds: float) -> dict:
+async def _closed_loop(session, url: str, headers: list[dict], concurrency: int, seconds: float) -> dict:
     done = errors = 0
     data = json.dumps(BODY).encode()
     deadline = time.perf_counter() + seconds
 
-    async def worker() -> None:
+    async def worker(headers: dict) -> None:
         nonlocal done, errors
         while time.perf_counter() < deadline:
             async with session.post(url, data=data, headers=headers) as response:
@@ -86,24 +88,24 @@ async def _closed_loop(session, url: str, headers: dict, concurrency: int, secon
                     errors += 1
 
     start = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.gather(*(worker(headers[i % len(headers)]) for i in range(concurrency)))
     return {"requests": done, "errors": errors, "rps": done / (time.perf_counter() - start)}
 
 
-async def _fund(nats_url: str) -> str:
-    key = "sk-" + secrets.token_hex(32)
-    key_hash = hashlib.sha256(key.encode()).hexdigest()
+async def _fund(nats_url: str, count: int) -> list[str]:
+    keys = ["sk-" + secrets.token_hex(32) for _ in range(count)]
     nc = await messaging.connect(nats_url, "bench")
-    await messaging.request(
-        nc, bus.BILLING_CREATE_KEY, bus.CreateKey(key_hash, 10**15, "bench-" + key_hash), bus.KeyInfo
-    )
+    for key in keys:
+        key_hash = hashlib.sha256(key.encode()).hexdigest()
+        create = bus.CreateKey(key_hash, 10**15, "bench-" + key_hash)
+        await messaging.request(nc, bus.BILLING_CREATE_KEY, create, bus.KeyInfo)
     await nc.drain()
-    return key
+    return keys
 
 
-async def _measure(direct: str, gateway: str, key: str, rate: int, seconds: float, concurrency: int) -> dict:
-    upstream_headers = {"Authorization": "Bearer bench", "Content-Type": "application/json"}
-    gateway_headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+async def _measure(direct: str, gateway: str, keys: list[str], rate: int, seconds: float, concurrency: int) -> dict:
+    upstream_headers = [{"Authorization": "Bearer bench", "Content-Type": "application/json"}]
+    gateway_headers = [{"Authorization": f"Bearer {key}", "Content-Type": "application/json"} for key in keys]
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
         for url, headers in ((direct, upstream_headers), (gateway, gateway_headers)):  # warm up both paths
@@ -167,11 +169,11 @@ def main() -> int:
                 )
             )
             _wait_http(f"http://127.0.0.1:{env['BILLING_PORT' if service == 'billing' else 'PORT']}/readyz")
-        key = asyncio.run(_fund(nats.url))
+        keys = asyncio.run(_fund(nats.url, args.concurrency))
         results = asyncio.run(_measure(
             f"http://127.0.0.1:{upstream_port}/v1/chat/completions",
             f"http://127.0.0.1:{gateway_port}/v1/chat/completions",
-            key, args.rate, args.seconds, args.concurrency,
+            keys, args.rate, args.seconds, args.concurrency,
         ))  # fmt: skip
     finally:
         for child in children:

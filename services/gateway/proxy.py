@@ -10,7 +10,6 @@ happens exactly once even if this gateway dies right after.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import time
@@ -38,7 +37,9 @@ _DROP_REQUEST = {
     "transfer-encoding", "te", "upgrade", "proxy-authorization", "accept-encoding", "x-routstr-model",
 }  # fmt: skip
 _KEEP_RESPONSE = {"content-type", "openai-processing-ms", "openai-version", "x-request-id"}
+# msgspec's JSON is several times faster than the standard library's, on every call's hot path.
 _json_decode = msgspec.json.Decoder().decode
+_json_encode = msgspec.json.Encoder().encode
 
 
 def estimate_tokens(text_chars: int) -> int:
@@ -131,8 +132,8 @@ class Proxy:
         path = request.path
         raw = await request.read()
         try:
-            body = json.loads(raw) if raw else None
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            body = _json_decode(raw) if raw else None
+        except msgspec.DecodeError:
             return openai_error(400, "Request body is not valid JSON", "invalid_json")
         if not isinstance(body, dict):
             return openai_error(400, "Request body must be a JSON object", "invalid_body")
@@ -151,7 +152,7 @@ class Proxy:
             return from_bus(exc.error)
 
         prompt = body.get("messages", body.get("input", body.get("prompt", "")))
-        prompt_estimate = max(1, len(json.dumps(prompt)) // 3)
+        prompt_estimate = max(1, len(_json_encode(prompt)) // 3)
         max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens")
         if path.endswith("/embeddings"):
             max_tokens = 0  # an embedding generates nothing: hold only the prompt's price
@@ -216,7 +217,7 @@ class Proxy:
         headers = {**self._forward_headers(request), **self.auth, "Content-Type": "application/json"}
         started = time.monotonic()
         try:
-            upstream = await self.session.post(url, data=json.dumps(call.body).encode(), headers=headers)
+            upstream = await self.session.post(url, data=_json_encode(call.body), headers=headers)
         except (aiohttp.ClientError, TimeoutError) as exc:
             await self.finish(call, "failed", 502)
             failure = self._upstream_failure(exc)
@@ -239,9 +240,9 @@ class Proxy:
         data = await upstream.read()
         await self.finish(call, "failed", upstream.status)
         try:
-            body = json.loads(data)
+            body = _json_decode(data)
             message = body["error"]["message"] if isinstance(body.get("error"), dict) else str(body)
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError, KeyError):
+        except (msgspec.DecodeError, AttributeError, TypeError, KeyError):
             message = f"The upstream provider answered {upstream.status}"
         status = upstream.status if upstream.status < 500 else 502
         if upstream.status in (401, 403):
@@ -251,8 +252,8 @@ class Proxy:
     async def whole(self, call: Call, upstream: aiohttp.ClientResponse) -> web.Response:
         data = await upstream.read()
         try:
-            body = json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            body = _json_decode(data)
+        except msgspec.DecodeError:
             await self.finish(call, "estimated", upstream.status)
             return web.Response(status=upstream.status, body=data, content_type=upstream.content_type)
         call.usage = usage_from(body)
@@ -264,7 +265,8 @@ class Proxy:
             cost, cost_headers = cost_fields(call, settled)
             add_cost(body, cost, settled)
             headers.update(cost_headers)
-        return web.json_response(body, status=upstream.status, headers=headers)
+        return web.Response(body=_json_encode(body), status=upstream.status, headers=headers,
+                            content_type="application/json")
 
     async def stream(
         self, request: web.Request, call: Call, upstream: aiohttp.ClientResponse, client_wants_usage: bool
@@ -308,13 +310,13 @@ class Proxy:
                 log.warning("upstream stream failed: %s", exc.__class__.__name__)
                 error = {"error": {"message": "The upstream provider failed mid-stream", "type": "server_error",
                                    "code": "upstream_error"}}  # fmt: skip
-                await response.write(b"data: " + json.dumps(error).encode() + b"\n\n")
+                await response.write(b"data: " + _json_encode(error) + b"\n\n")
                 call.usage, done = None, True
             settled = await self.finish(call, source, upstream.status)
             if client_wants_usage and usage_event is not None:
                 if settled is not None:
                     add_cost(usage_event, cost_fields(call, settled)[0], settled)
-                await response.write(b"data: " + json.dumps(usage_event).encode() + b"\n\n")
+                await response.write(b"data: " + _json_encode(usage_event) + b"\n\n")
             if done:
                 await response.write(b"data: [DONE]\n\n")
             await response.write_eof()
