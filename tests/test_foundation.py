@@ -121,3 +121,17 @@ def test_unreachable_postgres_at_start_fails_clearly(nats_server):
     result = _run_service("billing", env)
     assert result.returncode == 2
     assert "DATABASE_URL: not reachable" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_secrets_are_scrubbed_from_log_lines():
+    import logging
+
+    from shared.logs import JsonFormatter
+
+    secret_token = "cashuBo2FteCJodHRwOi8vMTI3LjAuMC4xOjMzMzM4YXVjc2F0"
+    secret_key = "sk-" + "ab" * 32
+    record = logging.LogRecord("t", logging.WARNING, __file__, 1, "got %s and %s and Bearer xyz", None, None)
+    record.args = (secret_token, secret_key)
+    line = JsonFormatter("gateway").format(record)
+    assert secret_token[8:] not in line and secret_key[8:] not in line and "xyz" not in line
+    assert '"service": "gateway"' in line and "[redacted]" in line
