@@ -61,6 +61,9 @@ async def test_chat_completion_is_proxied_billed_and_reports_cost(node, http):
     assert data["cost"]["total_msats"] == expected
     assert usage["sats_cost"] == usage["cost_sats"] == expected / 1000
     assert headers["X-Routstr-Cost-Msats"] == str(expected)
+    # USD at the test's BTC_USD_RATE of 100000: 1 msat = 1e-6 USD.
+    assert data["cost"]["total_usd"] == pytest.approx(expected * 1e-6)
+    assert float(headers["X-Routstr-Cost-Usd"]) == pytest.approx(expected * 1e-6)
     assert len(headers["X-Routstr-Request-Id"]) == 32
     info = await settled_balance(http, node, key)
     assert info["balance"] == 100_000 - expected

@@ -120,7 +120,7 @@ async def _resources(app: web.Application) -> None:
         auto_decompress=True,
     )
     billing = BillingClient(nc, nc.jetstream())
-    proxy = Proxy(settings, session, billing, app[METRICS])
+    proxy = Proxy(settings, session, billing, app[METRICS], lambda: catalog.usd_per_msat(app))
     app[PROXY] = proxy
     app[balance.BALANCE] = balance.BalanceAPI(billing)
     yield

@@ -44,6 +44,7 @@ class _Cache:
         self.lock = asyncio.Lock()
         self.identity: bus.NodeIdentity | None = None
         self.identity_at = -math.inf
+        self.refreshing: asyncio.Task | None = None
 
 
 CACHE = web.AppKey("catalog_cache", _Cache)
@@ -66,6 +67,20 @@ async def _follow_changes(app: web.Application) -> None:
         cache.fetched_at = -math.inf
 
     await app[NC].subscribe(bus.EVENT_CATALOG_CHANGED, cb=changed)
+    _refresh_soon(app)  # so the first paid call can already show its cost in USD
+
+
+def _refresh_soon(app: web.Application) -> None:
+    """Fetch the catalog in the background (best effort: billing may not be up yet)."""
+
+    async def refresh() -> None:
+        try:
+            await current_catalog(app)
+        except BusError as exc:
+            log.info("catalog not fetched yet: %s", exc)
+
+    task = asyncio.ensure_future(refresh())
+    app[CACHE].refreshing = task  # keep a reference until it is done
 
 
 def node_version() -> str:
@@ -139,6 +154,15 @@ async def current_catalog(app: web.Application) -> tuple[bus.Catalog, bytes]:
             cache.catalog = catalog
         cache.fetched_at = time.monotonic()
         return cache.catalog, cache.body
+
+
+def usd_per_msat(app: web.Application) -> float | None:
+    """The BTC/USD rate of the last catalog, per msat, for showing a call's cost in USD (display only)."""
+    cache = app[CACHE]
+    if time.monotonic() - cache.fetched_at >= CATALOG_TTL and (cache.refreshing is None or cache.refreshing.done()):
+        _refresh_soon(app)
+    rate = float(cache.catalog.btc_usd) if cache.catalog is not None else 0.0
+    return rate / 100_000_000_000 if rate > 0 else None
 
 
 async def _models(request: web.Request) -> web.Response:

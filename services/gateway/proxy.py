@@ -13,6 +13,7 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -77,8 +78,8 @@ class Call:
         )  # fmt: skip
 
 
-def cost_fields(call: Call, settled: bus.Settled) -> tuple[dict, dict[str, str]]:
-    """The cost object clients read (body) and the X-Routstr-Cost-* headers."""
+def cost_fields(call: Call, settled: bus.Settled, usd_per_msat: float | None) -> tuple[dict, dict[str, str]]:
+    """The cost object clients read (body) and the X-Routstr-Cost-* headers; USD only when a rate is known."""
     cache_read, cache_write = (call.usage[2], call.usage[3]) if call.usage else (0, 0)
     cost = {
         "base_msats": settled.base_msat,
@@ -95,6 +96,9 @@ def cost_fields(call: Call, settled: bus.Settled) -> tuple[dict, dict[str, str]]
         "X-Routstr-Input-Cost-Msats": str(settled.input_msat),
         "X-Routstr-Output-Cost-Msats": str(settled.output_msat),
     }
+    if usd_per_msat is not None:
+        cost["total_usd"] = round(settled.cost_msat * usd_per_msat, 8)
+        headers["X-Routstr-Cost-Usd"] = f"{cost['total_usd']:.8f}"
     return cost, headers
 
 
@@ -115,12 +119,18 @@ def add_cost(body: dict, cost: dict, settled: bus.Settled) -> None:
 
 class Proxy:
     def __init__(
-        self, settings: Settings, session: aiohttp.ClientSession, billing: BillingClient, metrics: GatewayMetrics
+        self,
+        settings: Settings,
+        session: aiohttp.ClientSession,
+        billing: BillingClient,
+        metrics: GatewayMetrics,
+        usd_per_msat: Callable[[], float | None],
     ):
         self.settings = settings
         self.session = session
         self.billing = billing
         self.metrics = metrics
+        self.usd_per_msat = usd_per_msat
         self.base = settings.upstream_base_url
         self.auth = {"Authorization": f"Bearer {settings.upstream_api_key}"} if settings.upstream_api_key else {}
         self.background: set[asyncio.Task] = set()
@@ -262,7 +272,7 @@ class Proxy:
         settled = await self.finish(call, "reported" if call.usage else "estimated", upstream.status)
         headers = await self.change(call.cred)
         if settled is not None and isinstance(body, dict):
-            cost, cost_headers = cost_fields(call, settled)
+            cost, cost_headers = cost_fields(call, settled, self.usd_per_msat())
             add_cost(body, cost, settled)
             headers.update(cost_headers)
         return web.Response(body=_json_encode(body), status=upstream.status, headers=headers,
@@ -315,7 +325,7 @@ class Proxy:
             settled = await self.finish(call, source, upstream.status)
             if client_wants_usage and usage_event is not None:
                 if settled is not None:
-                    add_cost(usage_event, cost_fields(call, settled)[0], settled)
+                    add_cost(usage_event, cost_fields(call, settled, self.usd_per_msat())[0], settled)
                 await response.write(b"data: " + _json_encode(usage_event) + b"\n\n")
             if done:
                 await response.write(b"data: [DONE]\n\n")
