@@ -92,6 +92,7 @@ SETTINGS_DOC: dict[str, tuple[str, str, bool]] = {
     "DISCOVERY_PORT": ("8003", "Discovery health/metrics port", False),
     "CORS_ORIGINS": ("*", "Comma-separated origins allowed by CORS, or *", False),
     "MAX_BODY_BYTES": ("10485760", "Largest request body the gateway accepts", False),
+    "RATE_LIMIT_PER_MINUTE": ("600", "Requests a minute one client address may make (as a burst too); 0 = off", False),
     "FIXED_PRICING": ("false", "Charge the FIXED_* prices for every model instead of per-model prices", False),
     "FIXED_COST_PER_REQUEST": ("1", "Sats per request under FIXED_PRICING", False),
     "FIXED_PER_1K_INPUT_TOKENS": ("0", "Sats per 1000 prompt tokens under FIXED_PRICING", False),
@@ -131,6 +132,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     discovery_port: int
     cors_origins: tuple[str, ...]
     max_body_bytes: int
+    rate_limit_per_minute: int
     fixed_pricing: bool
     fixed_cost_per_request: Decimal
     fixed_per_1k_input_tokens: Decimal
@@ -183,6 +185,12 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv: Path | None 
             raise ConfigError(f"{name}: must be greater than 0, got {value}")
         return value
 
+    def non_negative(name: str) -> int:
+        value = _int(name, get(name))
+        if value < 0:
+            raise ConfigError(f"{name}: must be 0 or more, got {value}")
+        return value
+
     relays = _list(get("RELAYS"))
     for relay in relays:
         _url("RELAYS", relay, ("ws", "wss"))
@@ -225,6 +233,7 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv: Path | None 
         discovery_port=port("DISCOVERY_PORT"),
         cors_origins=_list(get("CORS_ORIGINS")) or ("*",),
         max_body_bytes=positive("MAX_BODY_BYTES"),
+        rate_limit_per_minute=non_negative("RATE_LIMIT_PER_MINUTE"),
         fixed_pricing=_bool("FIXED_PRICING", get("FIXED_PRICING")),
         fixed_cost_per_request=_decimal("FIXED_COST_PER_REQUEST", get("FIXED_COST_PER_REQUEST")),
         fixed_per_1k_input_tokens=_decimal("FIXED_PER_1K_INPUT_TOKENS", get("FIXED_PER_1K_INPUT_TOKENS")),

@@ -9,6 +9,8 @@ import aiohttp
 import pytest
 
 from devstack.processes import free_port
+from services.gateway.credentials import sha256_hex
+from shared import bus, messaging
 from tests.support.keys import funded_key
 
 CORE = ("billing", "wallet", "gateway")
@@ -280,3 +282,35 @@ async def test_client_disconnect_stops_the_stream_and_charges_only_what_was_sent
     # 400-token reservation (4000 msat) and far below what the full answer would have cost.
     assert 1000 <= charged < 1000 + 2000
     assert info["total_requests"] == 1 and info["total_spent"] == charged
+
+
+async def test_inbound_rate_limit_answers_429_in_each_shape(make_node, http):
+    node = await make_node(CORE, FIXED_PRICING="true", RATE_LIMIT_PER_MINUTE="3")
+    key = await funded_key(node.settings.nats_url, 50_000)
+    for _ in range(3):
+        async with http.get(f"{node.url}/v1/balance/info", headers=auth(key)) as response:
+            assert response.status == 200
+    async with http.get(f"{node.url}/v1/balance/info", headers=auth(key)) as response:
+        assert response.status == 429 and int(response.headers["Retry-After"]) >= 1
+        assert "Rate limited" in (await response.json())["detail"]
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    async with http.post(f"{node.url}{CHAT}", json=body, headers=auth(key)) as response:
+        assert response.status == 429
+        assert (await response.json())["error"]["code"] == "rate_limited"
+    async with http.get(f"{node.url}/healthz") as response:
+        assert response.status == 200  # probes are never limited
+    # Another client (as its proxy reports it) has its own allowance.
+    other = {**auth(key), "X-Forwarded-For": "203.0.113.7"}
+    async with http.get(f"{node.url}/v1/balance/info", headers=other) as response:
+        assert response.status == 200
+    assert (await balance_unlimited(node, key)) == 50_000
+
+
+async def balance_unlimited(node, key: str) -> int:
+
+    nc = await messaging.connect(node.settings.nats_url, "test")
+    try:
+        info = await messaging.request(nc, bus.BILLING_KEY_INFO, bus.KeyQuery(sha256_hex(key)), bus.KeyInfo)
+    finally:
+        await nc.drain()
+    return info.balance_msat

@@ -14,6 +14,7 @@ from services.gateway import balance, catalog
 from services.gateway.billing_client import BillingClient
 from services.gateway.errors import detail_error, openai_error
 from services.gateway.proxy import MODEL, REQUEST_ID, Proxy
+from services.gateway.ratelimit import RateLimiter, client_address
 from shared import messaging
 from shared.config import Settings
 from shared.metrics import GatewayMetrics
@@ -22,6 +23,8 @@ from shared.service import CHECKS, NC, SETTINGS, nats_check, ops_app, retry_star
 log = logging.getLogger(__name__)
 
 PROXY = web.AppKey("proxy", Proxy)
+LIMITER = web.AppKey("limiter", RateLimiter)
+UNLIMITED = ("/healthz", "/readyz", "/metrics")
 METRICS = web.AppKey("gateway_metrics", GatewayMetrics)
 
 PAID_PATHS = (
@@ -66,6 +69,12 @@ async def edge(request: web.Request, handler) -> web.StreamResponse:
             "Access-Control-Allow-Headers": request.headers.get("Access-Control-Request-Headers", ALLOW_HEADERS),
             "Access-Control-Max-Age": "600",
         })  # fmt: skip
+    elif LIMITER in request.app and request.path not in UNLIMITED and (
+        wait := request.app[LIMITER].retry_after(client_address(request))
+    ):
+        message = f"Rate limited: too many requests from this address; retry in {wait} s"
+        error = detail_error if _is_balance(request.path) else openai_error
+        response = error(429, message, "rate_limited", headers={"Retry-After": str(wait)})
     else:
         try:
             response = await handler(request)
@@ -147,6 +156,8 @@ async def create_app(settings: Settings) -> web.Application:
     registry = CollectorRegistry()
     app = ops_app(settings, registry)
     app[METRICS] = GatewayMetrics(registry)
+    if settings.rate_limit_per_minute:
+        app[LIMITER] = RateLimiter(settings.rate_limit_per_minute)
     app.middlewares.append(edge)
     app.on_response_prepare.append(_stamp)
     catalog.setup(app)
