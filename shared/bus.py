@@ -4,15 +4,16 @@ Messages are msgspec Structs encoded as msgpack. Every reply is either the expec
 `Error` (tagged union), so a caller always learns *why* something failed. Amounts are integer msat.
 Keys travel only as `key_hash` = sha256 hex of the full `sk-…` string; no service but the gateway
 ever sees a key or a token in the clear, and the gateway sends tokens only to billing and wallet.
+
+Evolution: a message's tag names its kind; a new field always gets a default and decoders ignore
+fields they do not know, so services of adjacent versions can run side by side during a rollout.
 """
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Any
 
 import msgspec
-
-VERSION = 1
 
 # Request/reply subjects (queue group = service name, so replicas share the load).
 BILLING_RESERVE = "billing.reserve"  # Reserve -> Reserved | Error
@@ -286,7 +287,6 @@ Message = (
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
 
-T = TypeVar("T")
 
 
 def encode(message: msgspec.Struct) -> bytes:
