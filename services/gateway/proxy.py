@@ -330,14 +330,16 @@ class Proxy:
             if done:
                 await response.write(b"data: [DONE]\n\n")
             await response.write_eof()
-        except (ConnectionResetError, asyncio.CancelledError):
-            # The client went away: stop reading upstream (the finally releases it) and settle what it got.
-            self._settle_later(call, "estimated", 499)
-            raise
+        except (ConnectionResetError, asyncio.CancelledError) as exc:
+            # The client went away: stop reading upstream (the finally releases it), settle what it got.
+            self._spawn(self._close_out(call, settle=True))
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return response
         finally:
             self.metrics.streams_in_flight.dec()
         if call.cred.mode == "xcashu":
-            self._spawn(self.change(call.cred))  # make the change collectable via /v1/balance/refund
+            self._spawn(self._close_out(call, settle=False))
         return response
 
     # ---- settlement and change ----------------------------------------------------------------
@@ -354,8 +356,12 @@ class Proxy:
         self.metrics.usage_published.labels(source).inc()  # settled at once, or safe in the stream
         return settled
 
-    def _settle_later(self, call: Call, source: str, status: int) -> None:
-        self._spawn(self.finish(call, source, status))
+    async def _close_out(self, call: Call, settle: bool) -> None:
+        """After a stream, off the request: settle what an abandoned stream delivered (a no-op if it was
+        settled already), then cut an X-Cashu payment's change so `/v1/balance/refund` can hand it out."""
+        if settle:
+            await self.finish(call, "estimated", 499)
+        await self.change(call.cred)
 
     def _spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)
