@@ -105,7 +105,8 @@ def main() -> int:
             )
         (RUN_DIR / "state.json").write_text(json.dumps({"mints": env["CASHU_MINTS"].split(",")}))
         gateway = f"http://127.0.0.1:{settings.port}"
-        _wait_ready(f"{gateway}/readyz", children)
+        for port in (settings.billing_port, settings.wallet_port, settings.discovery_port, settings.port):
+            _wait_ready(f"http://127.0.0.1:{port}/readyz", children)  # "up" means every service answers
         print(f"\nRoutstr node is up. Gateway: {gateway}  (logs in {RUN_DIR}/; Ctrl-C stops everything)")
         print(f"  mints: {env['CASHU_MINTS']}\n  upstream: {env['UPSTREAM_BASE_URL']}")
         if not settings.cashu_mints:
