@@ -4,6 +4,8 @@ Messages are msgspec Structs encoded as msgpack. Every reply is either the expec
 `Error` (tagged union), so a caller always learns *why* something failed. Amounts are integer msat.
 Keys travel only as `key_hash` = sha256 hex of the full `sk-…` string; no service but the gateway
 ever sees a key or a token in the clear, and the gateway sends tokens only to billing and wallet.
+(One exception: the new key of a paid Lightning `create` invoice, made by billing, goes to the gateway
+once, in `InvoiceInfo.api_key`.)
 
 Evolution: a message's tag names its kind; a new field always gets a default and decoders ignore
 fields they do not know, so services of adjacent versions can run side by side during a rollout.
@@ -24,10 +26,14 @@ BILLING_CREATE_KEY = "billing.key.create"  # CreateKey -> KeyInfo | Error (opera
 BILLING_REFUND = "billing.refund"  # Refund -> Refunded | Error
 BILLING_MODELS = "billing.models"  # ModelsQuery -> Catalog
 BILLING_RECONCILE = "billing.reconcile"  # ReconcileQuery -> Reconciliation
+BILLING_INVOICE_CREATE = "billing.invoice.create"  # InvoiceCreate -> InvoiceInfo | Error (Lightning top-up)
+BILLING_INVOICE_STATUS = "billing.invoice.status"  # InvoiceQuery -> InvoiceInfo | Error (credits once when paid)
 WALLET_REDEEM = "wallet.redeem"  # Redeem -> Redeemed | Error
 WALLET_ISSUE = "wallet.issue"  # Issue -> Issued | Error
 WALLET_PAY = "wallet.pay"  # Pay -> Paid | Error (Lightning payout)
 WALLET_HOLDINGS = "wallet.holdings"  # HoldingsQuery -> Holdings
+WALLET_INVOICE = "wallet.invoice"  # MintQuote -> MintQuoteState | Error (NUT-04 invoice)
+WALLET_INVOICE_CHECK = "wallet.invoice.check"  # MintQuoteCheck -> MintQuoteState | Error (mints once paid)
 DISCOVERY_INFO = "discovery.info"  # InfoQuery -> NodeIdentity
 DISCOVERY_PROVIDERS = "discovery.providers"  # ProvidersQuery -> Providers
 
@@ -190,6 +196,34 @@ class Reconciliation(msgspec.Struct, tag="reconciliation", frozen=True):
     wallet_unspent_msat: int
     covered: bool  # the wallet's unspent proofs cover the ecash the ledger says it holds
     granted_msat: int = 0  # balances the operator created without ecash (`create-key`)
+    lightning_in_msat: int = 0  # paid Lightning invoices (minted into the wallet)
+
+
+class InvoiceCreate(msgspec.Struct, tag="invoice_create", frozen=True):
+    """A Lightning invoice to fund a key: `create` makes a new key when paid, `topup` credits `key_hash`."""
+
+    amount_msat: int
+    purpose: str
+    key_hash: str = ""
+
+
+class InvoiceQuery(msgspec.Struct, tag="invoice_query", frozen=True):
+    """Check an invoice (by id, or by its bolt11 for recovery); a paid one is credited once."""
+
+    invoice_id: str = ""
+    bolt11: str = ""
+
+
+class InvoiceInfo(msgspec.Struct, tag="invoice_info", frozen=True):
+    invoice_id: str
+    bolt11: str
+    amount_msat: int
+    payment_hash: str
+    status: str  # pending | paid | expired
+    created_at: int  # unix seconds
+    expires_at: int
+    paid_at: int | None = None
+    api_key: str | None = None  # a `create` invoice's new key, handed out once (the first paid answer)
 
 
 # ---- wallet ----------------------------------------------------------------------------------
@@ -236,6 +270,23 @@ class Paid(msgspec.Struct, tag="paid", frozen=True):
     status: str
 
 
+class MintQuote(msgspec.Struct, tag="mint_quote", frozen=True):
+    amount_msat: int  # whole sats
+
+
+class MintQuoteCheck(msgspec.Struct, tag="mint_quote_check", frozen=True):
+    quote_id: str
+
+
+class MintQuoteState(msgspec.Struct, tag="mint_quote_state", frozen=True):
+    quote_id: str
+    bolt11: str
+    amount_msat: int
+    mint_url: str
+    state: str  # pending | paid (minted into the wallet) | expired
+    expires_at: int  # unix seconds, 0 when the mint gave none
+
+
 class HoldingsQuery(msgspec.Struct, tag="holdings_query", frozen=True):
     pass
 
@@ -279,7 +330,8 @@ class Providers(msgspec.Struct, tag="providers", frozen=True):
 Message = (
     Error
     | Reserve | Reserved | Usage | Settled | Deposit | KeyQuery | CreateKey | KeyInfo | Refund | Refunded
-    | ModelsQuery | Catalog | ReconcileQuery | Reconciliation
+    | ModelsQuery | Catalog | ReconcileQuery | Reconciliation | InvoiceCreate | InvoiceQuery | InvoiceInfo
+    | MintQuote | MintQuoteCheck | MintQuoteState
     | Redeem | Redeemed | Issue | Issued | Pay | Paid | HoldingsQuery | Holdings
     | InfoQuery | NodeIdentity | ProvidersQuery | Providers
 )  # fmt: skip

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import secrets
 import time
+import uuid
 
+import bolt11
 from nats.aio.client import Client as NATS
 
 from services.billing.catalog import Catalog
@@ -20,6 +23,14 @@ from shared.metrics import BillingMetrics
 
 log = logging.getLogger(__name__)
 PERMANENT_PAYOUT_ERRORS = {"not_supported", "amount_too_small", "invalid_address"}
+
+
+def payment_hash(invoice: str) -> str:
+    """The invoice's payment hash, or "" when it cannot be decoded."""
+    try:
+        return bolt11.decode(invoice).payment_hash or ""
+    except Exception:  # the bolt11 package raises assorted errors on odd input
+        return ""
 
 
 class Accounts:
@@ -50,6 +61,10 @@ class Accounts:
                     return self.catalog.current
                 case bus.ReconcileQuery():
                     return await self.reconcile()
+                case bus.InvoiceCreate():
+                    return await self.create_invoice(message)
+                case bus.InvoiceQuery():
+                    return await self.invoice_status(message)
         except LedgerError as exc:
             return exc.error
         return bus.Error("bad_message", f"billing does not answer {type(message).__name__}", 400)
@@ -119,24 +134,65 @@ class Accounts:
         self.metrics.refunded_msat.inc(refund.amount_msat)
         return await self.ledger.complete_refund(refund, key_hash, token, fee)
 
+    async def create_invoice(self, message: bus.InvoiceCreate) -> bus.InvoiceInfo:
+        """A Lightning invoice from the wallet's mint; `create` makes the key it will fund now, so the
+        payer can learn it from the status answer."""
+        if message.purpose not in ("create", "topup"):
+            raise LedgerError(bus.Error("bad_request", "purpose must be 'create' or 'topup'", 400))
+        if message.amount_msat < pricing.MSAT_PER_SAT:
+            raise LedgerError(bus.Error("bad_request", "amount must be at least 1 sat", 400))
+        key_hash, api_key = message.key_hash, None
+        if message.purpose == "create":
+            api_key = "sk-" + secrets.token_hex(32)
+            key_hash = hashlib.sha256(api_key.encode()).hexdigest()
+        elif not await self.ledger.key_exists(key_hash):
+            raise LedgerError(bus.Error("unknown_key", "Invalid API key: no such key", 401))
+        try:
+            quote = await request(
+                self.nc, bus.WALLET_INVOICE, bus.MintQuote(message.amount_msat), bus.MintQuoteState, bus.MINT_TIMEOUT
+            )
+        except BusError as exc:
+            raise LedgerError(exc.error) from None
+        return await self.ledger.record_invoice(
+            uuid.uuid4().hex, quote, payment_hash(quote.bolt11), message.purpose, key_hash, api_key
+        )
+
+    async def invoice_status(self, message: bus.InvoiceQuery) -> bus.InvoiceInfo:
+        """Ask the wallet (which mints the ecash once paid), then credit the key once per invoice."""
+        row = await self.ledger.invoice(message.invoice_id, message.bolt11)
+        expired = False
+        if row["state"] == "pending":
+            try:
+                quote = await request(
+                    self.nc, bus.WALLET_INVOICE_CHECK, bus.MintQuoteCheck(row["quote_id"]), bus.MintQuoteState,
+                    bus.MINT_TIMEOUT,
+                )  # fmt: skip
+            except BusError as exc:
+                raise LedgerError(exc.error) from None
+            expired = quote.state == "expired"
+            if quote.state == "paid":
+                self.metrics.credited_msat.inc(await self.ledger.credit_invoice(row["invoice_id"]))
+        return await self.ledger.invoice_answer(row["invoice_id"], expired)
+
     async def reconcile(self) -> bus.Reconciliation:
         """Prove the books: the keys table against the ledger, and the wallet's ecash against both."""
         books = await self.ledger.books()
         owed = books.pop("owed")
         revenue, fees = books.get("revenue", 0), books.get("fees:mint", 0)
         redeemed, granted = -books.get("ecash:in", 0), -books.get("operator:grants", 0)
+        lightning_in = -books.get("lightning:in", 0)  # paid invoices: minted into the wallet like redeemed tokens
         refunded, paid_out = books.get("ecash:out", 0), books.get("lightning:out", 0)
-        difference = owed + revenue + fees - (redeemed + granted - refunded - paid_out)
+        difference = owed + revenue + fees - (redeemed + lightning_in + granted - refunded - paid_out)
         try:
             holdings = await request(self.nc, bus.WALLET_HOLDINGS, bus.HoldingsQuery(), bus.Holdings, bus.MINT_TIMEOUT)
             unspent = holdings.unspent_msat
         except BusError:
             unspent = -1
         # Ecash the wallet must hold: what came in, less mint fees and what went out as tokens or payouts.
-        covered = unspent >= redeemed - fees - refunded - paid_out
+        covered = unspent >= redeemed + lightning_in - fees - refunded - paid_out
         self.metrics.reconcile_difference_msat.set(difference)
         return bus.Reconciliation(
             owed_msat=owed, revenue_msat=revenue, fees_msat=fees, redeemed_msat=redeemed, refunded_msat=refunded,
             paid_out_msat=paid_out, difference_msat=difference, wallet_unspent_msat=unspent, covered=covered,
-            granted_msat=granted,
+            granted_msat=granted, lightning_in_msat=lightning_in,
         )  # fmt: skip

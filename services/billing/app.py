@@ -27,7 +27,8 @@ METRICS = web.AppKey("billing_metrics", BillingMetrics)
 ACCOUNTS = web.AppKey("accounts", Accounts)
 SUBJECTS = (
     bus.BILLING_RESERVE, bus.BILLING_SETTLE, bus.BILLING_DEPOSIT, bus.BILLING_KEY_INFO, bus.BILLING_CREATE_KEY,
-    bus.BILLING_REFUND, bus.BILLING_MODELS, bus.BILLING_RECONCILE,
+    bus.BILLING_REFUND, bus.BILLING_MODELS, bus.BILLING_RECONCILE, bus.BILLING_INVOICE_CREATE,
+    bus.BILLING_INVOICE_STATUS,
 )  # fmt: skip
 CATALOG_REFRESH = 600.0  # seconds between upstream model list / rate refreshes
 SWEEP_EVERY = 5.0

@@ -14,6 +14,7 @@ import msgspec
 from shared import bus, pricing
 
 GRANTS, ECASH_IN, ECASH_OUT, LIGHTNING_OUT = "operator:grants", "ecash:in", "ecash:out", "lightning:out"
+LIGHTNING_IN = "lightning:in"
 REVENUE, FEES = "revenue", "fees:mint"
 
 
@@ -134,6 +135,58 @@ class Ledger:
                          redeemed.credited_msat, key_hash)  # fmt: skip
             await _entry(conn, f"deposit-fee:{token_hash}", "fee", ECASH_IN, FEES, redeemed.fee_msat, key_hash)
             return _info(row, redeemed.credited_msat)
+
+    # ---- Lightning invoices ----------------------------------------------------------------
+
+    async def record_invoice(self, invoice_id: str, quote: bus.MintQuoteState, payment_hash: str, purpose: str,
+                             key_hash: str, api_key: str | None) -> bus.InvoiceInfo:  # fmt: skip
+        row = await self.pool.fetchrow(
+            "INSERT INTO billing.invoices (invoice_id, quote_id, bolt11, payment_hash, purpose, key_hash, api_key,"
+            " amount_msat, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING *",
+            invoice_id, quote.quote_id, quote.bolt11, payment_hash, purpose, key_hash, api_key, quote.amount_msat,
+            quote.expires_at,
+        )  # fmt: skip
+        return _invoice(row, "pending")
+
+    async def invoice(self, invoice_id: str, bolt11: str) -> asyncpg.Record:
+        row = await self.pool.fetchrow(
+            "SELECT * FROM billing.invoices WHERE invoice_id = $1 OR bolt11 = $2", invoice_id, bolt11
+        )
+        if row is None:
+            raise LedgerError(fail("unknown_invoice", "Invoice not found", 404))
+        return row
+
+    async def credit_invoice(self, invoice_id: str) -> int:
+        """Credit a paid invoice once (the state flip is the guard); returns what this call credited."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                "UPDATE billing.invoices SET state = 'paid', paid_at = now()"
+                " WHERE invoice_id = $1 AND state = 'pending' RETURNING *", invoice_id,
+            )  # fmt: skip
+            if row is None:
+                return 0
+            key_hash, amount = row["key_hash"], row["amount_msat"]
+            await conn.execute("INSERT INTO billing.keys (key_hash) VALUES ($1) ON CONFLICT DO NOTHING", key_hash)
+            await conn.execute(
+                "UPDATE billing.keys SET balance_msat = balance_msat + $2, last_refund_id = NULL WHERE key_hash = $1",
+                key_hash, amount,
+            )  # fmt: skip
+            await _entry(conn, f"lightning:{invoice_id}", "lightning_deposit", LIGHTNING_IN, user(key_hash), amount,
+                         key_hash)  # fmt: skip
+            return amount
+
+    async def invoice_answer(self, invoice_id: str, expired: bool = False) -> bus.InvoiceInfo:
+        """The invoice's status; a paid `create` invoice's key is handed out once and then forgotten."""
+        row = await self.pool.fetchrow(
+            "UPDATE billing.invoices i SET api_key = NULL FROM"
+            " (SELECT invoice_id, api_key FROM billing.invoices WHERE invoice_id = $1 FOR UPDATE) old"
+            " WHERE i.invoice_id = old.invoice_id AND i.state = 'paid' RETURNING i.*, old.api_key AS handed_out",
+            invoice_id,
+        )  # fmt: skip
+        if row is not None:
+            return _invoice(row, "paid", row["handed_out"])
+        row = await self.pool.fetchrow("SELECT * FROM billing.invoices WHERE invoice_id = $1", invoice_id)
+        return _invoice(row, "expired" if expired else "pending")
 
     # ---- reservations and settlement -------------------------------------------------------
 
@@ -326,6 +379,15 @@ def _settled(request_id: str, row: asyncpg.Record, already: bool) -> bus.Settled
 def _refunded(row: asyncpg.Record) -> bus.Refunded:
     return bus.Refunded(refund_id=row["refund_id"], amount_msat=row["amount_msat"], token=row["token"],
                         recipient=row["recipient"], status=row["state"])  # fmt: skip
+
+
+def _invoice(row: asyncpg.Record, status: str, api_key: str | None = None) -> bus.InvoiceInfo:
+    return bus.InvoiceInfo(
+        invoice_id=row["invoice_id"], bolt11=row["bolt11"], amount_msat=row["amount_msat"],
+        payment_hash=row["payment_hash"], status=status, created_at=int(row["created_at"].timestamp()),
+        expires_at=row["expires_at"], paid_at=int(row["paid_at"].timestamp()) if row["paid_at"] else None,
+        api_key=api_key,
+    )  # fmt: skip
 
 
 def _price(data: bytes) -> bus.Price:

@@ -24,7 +24,7 @@ from shared.messaging import BusError
 PREFIXES = ("/v1/balance", "/v1/wallet")
 
 
-async def _json_body(request: web.Request) -> dict:
+async def json_body(request: web.Request) -> dict:
     """The JSON object body, `{}` when there is none; a client's malformed body is a 400, never a 500."""
     raw = await request.read()
     if not raw.strip():
@@ -58,7 +58,7 @@ class BalanceAPI:
         """Turn a token into a balance key `sk-` + sha256(token); a retry returns the same key and balance."""
         raw = request.query.get("initial_balance_token")
         if raw is None and request.method == "POST":
-            raw = (await _json_body(request)).get("initial_balance_token")
+            raw = (await json_body(request)).get("initial_balance_token")
         if not isinstance(raw, str) or not raw.strip():
             return detail_error(400, "initial_balance_token is required")
         try:
@@ -86,7 +86,7 @@ class BalanceAPI:
         """Credit a token to an existing key (JSON `cashu_token`, or `?cashu_token=`); never creates a key."""
         raw = request.query.get("cashu_token")
         if raw is None:
-            raw = (await _json_body(request)).get("cashu_token")
+            raw = (await json_body(request)).get("cashu_token")
         if not isinstance(raw, str) or not raw.strip():
             return detail_error(400, "cashu_token is required")
         try:
@@ -102,7 +102,7 @@ class BalanceAPI:
 
     async def refund(self, request: web.Request) -> web.Response:
         """Pay out the remaining balance as a token (or to a Lightning address); a retry replays it."""
-        body = await _json_body(request)
+        body = await json_body(request)
         address = body.get("lightning_address")
         if address is not None and (not isinstance(address, str) or "@" not in address):
             return detail_error(400, "lightning_address must look like name@domain")

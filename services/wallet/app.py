@@ -101,5 +101,7 @@ def _handlers(wallet: NodeWallet) -> dict[str, Callable[[bus.Message], Awaitable
         bus.WALLET_REDEEM: expect(bus.Redeem, lambda m: wallet.redeem(m.token)),
         bus.WALLET_ISSUE: expect(bus.Issue, lambda m: wallet.issue(m.amount_msat, m.idempotency_key, m.mint_url)),
         bus.WALLET_HOLDINGS: expect(bus.HoldingsQuery, lambda m: wallet.holdings()),
+        bus.WALLET_INVOICE: expect(bus.MintQuote, lambda m: wallet.invoice(m.amount_msat)),
+        bus.WALLET_INVOICE_CHECK: expect(bus.MintQuoteCheck, lambda m: wallet.check_invoice(m.quote_id)),
         bus.WALLET_PAY: expect(bus.Pay, lambda m: wallet.pay(m.amount_msat, m.idempotency_key, m.lightning_address)),
     }

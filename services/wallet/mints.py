@@ -1,4 +1,5 @@
-"""HTTP client for the Cashu mint API (NUT-01/02 keys, NUT-03 swap, NUT-07 check-state, NUT-09 restore).
+"""HTTP client for the Cashu mint API (NUT-01/02 keys, NUT-03 swap, NUT-04 mint, NUT-05 melt, NUT-07
+check-state, NUT-09 restore).
 
 The cashu library's client opens a new httpx client on every call (75-110 ms per swap here) and never
 closes it, and its `load_mint` swallows errors. This one shares one aiohttp session (kept-alive
@@ -138,6 +139,18 @@ class MintClient:
         """NUT-07: Y -> UNSPENT | PENDING | SPENT."""
         data = await self._call("checkstate", "POST", "checkstate", {"Ys": list(ys)})
         return {s["Y"]: s["state"] for s in data.get("states", [])}
+
+    async def mint_quote(self, sats: int) -> dict:
+        """NUT-04: an invoice that, once paid, lets us mint `sats` (quote, request, state, expiry)."""
+        return await self._call("mint_quote", "POST", "mint/quote/bolt11", {"unit": "sat", "amount": sats})
+
+    async def mint_state(self, quote_id: str) -> dict:
+        return await self._call("mint_state", "GET", f"mint/quote/bolt11/{quote_id}")
+
+    async def mint(self, quote_id: str, outputs: Sequence[BlindedMessage]) -> list[BlindedSignature]:
+        body = {"quote": quote_id, "outputs": [{"amount": o.amount, "id": o.id, "B_": o.B_} for o in outputs]}
+        data = await self._call("mint", "POST", "mint/bolt11", body)
+        return [BlindedSignature(**s) for s in data.get("signatures", [])]
 
     async def melt_quote(self, invoice: str) -> dict:
         """NUT-05: a quote to pay `invoice` (amount and fee reserve, in sat)."""

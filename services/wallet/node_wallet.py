@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 
 import aiohttp
@@ -576,6 +577,78 @@ class NodeWallet:
         log.info("paid %d sat by Lightning from %s", row["amount_sat"], client.url)
         return _paid(row)
 
+    # ---- Lightning invoices (NUT-04 mint quotes) ------------------------------------------------
+
+    async def invoice(self, amount_msat: int) -> bus.MintQuoteState:
+        """An invoice from the first accepted mint; paying it buys the wallet `amount_msat` of ecash."""
+        sats = amount_msat // 1000
+        if sats < 1:
+            raise _fail("amount_too_small", f"{amount_msat} msat is less than 1 sat", 400)
+        if not self._accepted:
+            raise _fail("not_supported", "this node accepts no mint", 503)
+        client = self._mints.get(self._accepted[0])
+        try:
+            quote = await client.mint_quote(sats)
+        except MintUnavailable as exc:
+            raise _unavailable(exc) from None
+        except MintError as exc:
+            raise _fail("mint_error", f"the mint will not make an invoice: {exc.detail}", 502) from None
+        async with self._pool.acquire() as conn:
+            row = await storage.record_mint_quote(
+                conn, quote["quote"], client.url, sats, quote["request"], int(quote.get("expiry") or 0)
+            )
+        return _quote_state(row, "pending")
+
+    async def check_invoice(self, quote_id: str) -> bus.MintQuoteState:
+        """Mint the ecash of a paid invoice, once: the output plan is committed before the mint call,
+        and a retry after a lost reply (the mint then refuses to mint twice) restores the signatures."""
+        async with self._exclusive(storage.mint_quote_op(quote_id)) as conn:
+            row = await storage.get_mint_quote(conn, quote_id)
+            if row is None:
+                raise _fail("unknown_invoice", "no such invoice", 404)
+            if row["state"] == "issued":
+                return _quote_state(row, "paid")
+            client = self._mints.get(row["mint_url"])
+            if row["state"] == "unpaid":
+                try:
+                    quote = await client.mint_state(quote_id)
+                except MintUnavailable as exc:
+                    raise _unavailable(exc) from None
+                except MintError as exc:
+                    raise _fail("mint_error", exc.detail, 502) from None
+                state = quote.get("state") or ("PAID" if quote.get("paid") else "UNPAID")
+                if state == "ISSUED":  # we never planned outputs for it, so someone else minted it
+                    raise _fail("mint_error", "the invoice's ecash was minted elsewhere", 502)
+                if state != "PAID":
+                    expired = 0 < row["expiry"] < time.time()
+                    return _quote_state(row, "expired" if expired else "pending")
+                try:
+                    target = await client.active_keyset()
+                except MintUnavailable as exc:
+                    raise _unavailable(exc) from None
+                except MintError as exc:
+                    raise _fail("mint_error", exc.detail, 502) from None
+                amounts = ecash.split_amount(row["amount_sat"])
+                async with conn.transaction():
+                    counter = await storage.reserve_counters(conn, target.id, client.url, len(amounts))
+                    row = await storage.plan_mint(conn, quote_id, target.id, counter, amounts)
+            outputs = await self._secrets.outputs(row["keyset_id"], row["counter"], row["amounts"])
+            try:
+                signatures = await client.mint(quote_id, [o.message for o in outputs])
+            except MintUnavailable as exc:
+                raise _unavailable(exc) from None  # the plan stays: a retry mints or restores
+            except MintError as exc:
+                signatures = await self._restore(client, outputs)  # an earlier attempt may have minted
+                if signatures is None:
+                    raise _fail("mint_error", f"the mint refused to mint: {exc.detail}", 502) from None
+            proofs = ecash.unblind(outputs, signatures, await self._keys(client, row["keyset_id"]))
+            async with conn.transaction():
+                await storage.store_proofs(conn, client.url, proofs, storage.mint_quote_op(quote_id))
+                row = await storage.finish_mint(conn, quote_id)
+            await self._update_gauges(conn)
+            log.info("minted %d sat for a paid invoice at %s", row["amount_sat"], client.url)
+            return _quote_state(row, "paid")
+
     # ---- holdings ------------------------------------------------------------------------------
 
     async def holdings(self) -> bus.Holdings:
@@ -597,6 +670,12 @@ def _token_rejected(exc: MintError) -> BusError:
     if exc.code == PROOFS_PENDING:
         return _fail("cashu_token_pending", "the token is being spent in another transaction", 409, 2)
     return _fail("invalid_token", f"the mint rejected the token: {exc.detail}", 400)
+
+
+def _quote_state(row: asyncpg.Record, state: str) -> bus.MintQuoteState:
+    return bus.MintQuoteState(
+        row["quote_id"], row["request"], row["amount_sat"] * 1000, row["mint_url"], state, row["expiry"]
+    )
 
 
 def _paid(row: asyncpg.Record) -> bus.Paid:

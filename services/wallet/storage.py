@@ -225,3 +225,37 @@ async def set_payout_cut(conn: asyncpg.Connection, key: str, inputs: int, cut_fe
         "UPDATE wallet.payouts SET inputs_sat = $2, cut_fee_sat = $3 WHERE idempotency_key = $1 RETURNING *",
         key, inputs, cut_fee,
     )  # fmt: skip
+
+
+def mint_quote_op(quote_id: str) -> str:
+    return f"mint:{quote_id}"
+
+
+async def record_mint_quote(
+    conn: asyncpg.Connection, quote_id: str, mint_url: str, amount: int, request: str, expiry: int
+) -> asyncpg.Record:
+    return await conn.fetchrow(
+        """INSERT INTO wallet.mint_quotes (quote_id, mint_url, amount_sat, request, expiry)
+           VALUES ($1, $2, $3, $4, $5) RETURNING *""",
+        quote_id, mint_url, amount, request, expiry,
+    )  # fmt: skip
+
+
+async def get_mint_quote(conn: asyncpg.Connection, quote_id: str) -> asyncpg.Record | None:
+    return await conn.fetchrow("SELECT * FROM wallet.mint_quotes WHERE quote_id = $1", quote_id)
+
+
+async def plan_mint(
+    conn: asyncpg.Connection, quote_id: str, keyset_id: str, counter: int, amounts: Sequence[int]
+) -> asyncpg.Record:
+    return await conn.fetchrow(
+        """UPDATE wallet.mint_quotes SET state = 'minting', keyset_id = $2, counter = $3, amounts = $4
+           WHERE quote_id = $1 RETURNING *""",
+        quote_id, keyset_id, counter, list(amounts),
+    )  # fmt: skip
+
+
+async def finish_mint(conn: asyncpg.Connection, quote_id: str) -> asyncpg.Record:
+    return await conn.fetchrow(
+        "UPDATE wallet.mint_quotes SET state = 'issued', done_at = now() WHERE quote_id = $1 RETURNING *", quote_id
+    )
