@@ -157,9 +157,7 @@ def start_mint(workdir: Path, input_fee_ppk: int = 0) -> Service:
     """The nutshell mint with its FakeWallet Lightning backend (invoices pay themselves)."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("MINT_", "CASHU_", "FAKEWALLET_", "TOR"))
-    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MINT_", "CASHU_", "FAKEWALLET_", "TOR"))}
     env.update(
         MINT_BACKEND_BOLT11_SAT="FakeWallet",
         MINT_LISTEN_HOST="127.0.0.1",

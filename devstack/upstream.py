@@ -59,11 +59,11 @@ async def _read(request: web.Request) -> dict:
     try:
         body = await request.json()
     except json.JSONDecodeError:
-        raise web.HTTPBadRequest(text='{"error":{"message":"invalid JSON","type":"invalid_request_error"}}',
-                                 content_type="application/json") from None
+        raise web.HTTPBadRequest(
+            text='{"error":{"message":"invalid JSON","type":"invalid_request_error"}}', content_type="application/json"
+        ) from None
     if not isinstance(body, dict):
-        raise web.HTTPBadRequest(text='{"error":{"message":"body must be an object"}}',
-                                 content_type="application/json")
+        raise web.HTTPBadRequest(text='{"error":{"message":"body must be an object"}}', content_type="application/json")
     return body
 
 
@@ -101,8 +101,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     include_usage = bool((body.get("stream_options") or {}).get("include_usage")) and "nousage" not in d
 
     def chunk(delta: dict, finish: str | None = None, **extra) -> bytes:
-        data = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+        data = {
+            "id": ident,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        }
         if include_usage:
             data["usage"] = None
         data.update(extra)
@@ -118,8 +123,14 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         await response.write(chunk({"content": word}))
     await response.write(chunk({}, "stop"))
     if include_usage:
-        tail = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [], "usage": usage}
+        tail = {
+            "id": ident,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [],
+            "usage": usage,
+        }
         await response.write(b"data: " + json.dumps(tail).encode() + b"\n\n")
     await response.write(b"data: [DONE]\n\n")
     await response.write_eof()

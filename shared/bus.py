@@ -340,7 +340,6 @@ _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
 
 
-
 def encode(message: msgspec.Struct) -> bytes:
     return _encoder.encode(message)
 

@@ -182,4 +182,3 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if asyncio.iscoroutinefunction(getattr(item, "function", None)):
             item.add_marker(marker, append=False)
-

@@ -69,8 +69,10 @@ async def edge(request: web.Request, handler) -> web.StreamResponse:
             "Access-Control-Allow-Headers": request.headers.get("Access-Control-Request-Headers", ALLOW_HEADERS),
             "Access-Control-Max-Age": "600",
         })  # fmt: skip
-    elif LIMITER in request.app and request.path not in UNLIMITED and (
-        wait := request.app[LIMITER].retry_after(client_address(request))
+    elif (
+        LIMITER in request.app
+        and request.path not in UNLIMITED
+        and (wait := request.app[LIMITER].retry_after(client_address(request)))
     ):
         message = f"Rate limited: too many requests from this address; retry in {wait} s"
         error = detail_error if _is_balance(request.path) else openai_error
@@ -109,8 +111,9 @@ def _http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
     message = messages.get(exc.status, exc.reason)
     if _is_balance(request.path):
         return detail_error(exc.status, message)
-    return openai_error(exc.status, message, {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(
-        exc.status))
+    return openai_error(
+        exc.status, message, {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(exc.status)
+    )
 
 
 async def _resources(app: web.Application) -> None:
@@ -120,9 +123,7 @@ async def _resources(app: web.Application) -> None:
     await messaging.ensure_usage_stream(nc, settings.usage_stream_replicas)
     app[NC] = nc
     app[CHECKS]["nats"] = nats_check(nc)
-    timeout = aiohttp.ClientTimeout(
-        total=settings.upstream_timeout, connect=settings.upstream_connect_timeout
-    )
+    timeout = aiohttp.ClientTimeout(total=settings.upstream_timeout, connect=settings.upstream_connect_timeout)
     session = aiohttp.ClientSession(
         timeout=timeout,
         connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=300),

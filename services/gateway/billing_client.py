@@ -87,4 +87,3 @@ def usage_from(body: dict) -> tuple[int, int, int, int] | None:
     except (TypeError, ValueError):
         return None
     return prompt, completion, cache_read, cache_write
-

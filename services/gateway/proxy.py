@@ -275,8 +275,9 @@ class Proxy:
             cost, cost_headers = cost_fields(call, settled, self.usd_per_msat())
             add_cost(body, cost, settled)
             headers.update(cost_headers)
-        return web.Response(body=_json_encode(body), status=upstream.status, headers=headers,
-                            content_type="application/json")
+        return web.Response(
+            body=_json_encode(body), status=upstream.status, headers=headers, content_type="application/json"
+        )
 
     async def stream(
         self, request: web.Request, call: Call, upstream: aiohttp.ClientResponse, client_wants_usage: bool

@@ -318,6 +318,7 @@ class NodeWallet:
             return True
 
         return await self._resolve_stale("issues", storage.issue_op, storage.get_issue, resume, older_than)
+
     async def _resume_issue(
         self, conn: asyncpg.Connection, row: asyncpg.Record, swap: bool = True
     ) -> bus.Issued | None:
@@ -547,6 +548,7 @@ class NodeWallet:
             except BusError as exc:
                 log.warning("pending %s not settled yet: %s", table, exc.error.message)
         return settled
+
     async def _states(self, client: MintClient, proofs: Sequence[Proof]) -> dict[str, str]:
         if not proofs:
             return {}
