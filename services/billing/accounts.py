@@ -11,8 +11,10 @@ import logging
 import secrets
 import time
 import uuid
+from typing import TypeVar
 
 import bolt11
+import msgspec
 from nats.aio.client import Client as NATS
 
 from services.billing.catalog import Catalog
@@ -22,6 +24,7 @@ from shared.messaging import BusError, request
 from shared.metrics import BillingMetrics
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 PERMANENT_PAYOUT_ERRORS = {"not_supported", "amount_too_small", "invalid_address"}
 
 
@@ -92,12 +95,7 @@ class Accounts:
             return await self.ledger.answer_repeat(existing, message.key_hash)
         if not message.create and not await self.ledger.key_exists(message.key_hash):
             raise LedgerError(bus.Error("unknown_key", "Invalid API key: no such key", 401))
-        try:
-            redeemed = await request(
-                self.nc, bus.WALLET_REDEEM, bus.Redeem(message.token), bus.Redeemed, bus.MINT_TIMEOUT
-            )
-        except BusError as exc:
-            raise LedgerError(exc.error) from None
+        redeemed = await self._wallet(bus.WALLET_REDEEM, bus.Redeem(message.token), bus.Redeemed)
         try:
             info = await self.ledger.credit_deposit(message.key_hash, token_hash, redeemed, message.create)
         except _Repeat as repeat:
@@ -147,12 +145,7 @@ class Accounts:
             key_hash = hashlib.sha256(api_key.encode()).hexdigest()
         elif not await self.ledger.key_exists(key_hash):
             raise LedgerError(bus.Error("unknown_key", "Invalid API key: no such key", 401))
-        try:
-            quote = await request(
-                self.nc, bus.WALLET_INVOICE, bus.MintQuote(message.amount_msat), bus.MintQuoteState, bus.MINT_TIMEOUT
-            )
-        except BusError as exc:
-            raise LedgerError(exc.error) from None
+        quote = await self._wallet(bus.WALLET_INVOICE, bus.MintQuote(message.amount_msat), bus.MintQuoteState)
         return await self.ledger.record_invoice(
             uuid.uuid4().hex, quote, payment_hash(quote.bolt11), message.purpose, key_hash, api_key
         )
@@ -162,17 +155,19 @@ class Accounts:
         row = await self.ledger.invoice(message.invoice_id, message.bolt11)
         expired = False
         if row["state"] == "pending":
-            try:
-                quote = await request(
-                    self.nc, bus.WALLET_INVOICE_CHECK, bus.MintQuoteCheck(row["quote_id"]), bus.MintQuoteState,
-                    bus.MINT_TIMEOUT,
-                )  # fmt: skip
-            except BusError as exc:
-                raise LedgerError(exc.error) from None
+            check = bus.MintQuoteCheck(row["quote_id"])
+            quote = await self._wallet(bus.WALLET_INVOICE_CHECK, check, bus.MintQuoteState)
             expired = quote.state == "expired"
             if quote.state == "paid":
                 self.metrics.credited_msat.inc(await self.ledger.credit_invoice(row["invoice_id"]))
         return await self.ledger.invoice_answer(row["invoice_id"], expired)
+
+    async def _wallet(self, subject: str, message: msgspec.Struct, expect: type[T]) -> T:
+        """Ask the wallet; its typed refusal (bad token, mint down, …) becomes billing's answer unchanged."""
+        try:
+            return await request(self.nc, subject, message, expect, bus.MINT_TIMEOUT)
+        except BusError as exc:
+            raise LedgerError(exc.error) from None
 
     async def reconcile(self) -> bus.Reconciliation:
         """Prove the books: the keys table against the ledger, and the wallet's ecash against both."""

@@ -138,14 +138,21 @@ class BalanceAPI:
 BALANCE = web.AppKey("balance_api", BalanceAPI)
 
 
+def delegate(key: web.AppKey, name: str):
+    """A route handler calling method `name` of the API object at `app[key]`, which is made at start-up
+    (it needs NATS) after the router is already frozen."""
+
+    async def handler(request: web.Request) -> web.Response:
+        return await getattr(request.app[key], name)(request)
+
+    return handler
+
+
 def add_routes(app: web.Application) -> None:
-    """Mount the same handlers under both prefixes; the API object is made at start-up (it needs NATS)."""
+    """Mount the same handlers under both prefixes."""
 
     def via(name: str):
-        async def handler(request: web.Request) -> web.Response:
-            return await getattr(request.app[BALANCE], name)(request)
-
-        return handler
+        return delegate(BALANCE, name)
 
     for prefix in PREFIXES:
         app.router.add_get(f"{prefix}/create", via("create"))

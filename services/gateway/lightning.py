@@ -11,7 +11,7 @@ from __future__ import annotations
 from aiohttp import web
 from nats.aio.client import Client as NATS
 
-from services.gateway.balance import json_body
+from services.gateway.balance import delegate, json_body
 from services.gateway.credentials import CredentialError, credential
 from services.gateway.errors import detail_error, from_bus
 from shared import bus
@@ -87,13 +87,10 @@ LIGHTNING = web.AppKey("lightning_api", LightningAPI)
 
 
 def add_routes(app: web.Application) -> None:
-    """The same handlers under every prefix clients use; the API object is made at start-up (it needs NATS)."""
+    """The same handlers under every prefix clients use."""
 
     def via(name: str):
-        async def handler(request_: web.Request) -> web.Response:
-            return await getattr(request_.app[LIGHTNING], name)(request_)
-
-        return handler
+        return delegate(LIGHTNING, name)
 
     for prefix in PREFIXES:
         app.router.add_post(f"{prefix}/invoice", via("create"))

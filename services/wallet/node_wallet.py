@@ -216,11 +216,7 @@ class NodeWallet:
     # ---- issue ---------------------------------------------------------------------------------
 
     async def issue(self, amount_msat: int, key: str, mint_url: str | None) -> bus.Issued:
-        sats = amount_msat // 1000
-        if sats < 1:
-            raise _fail("amount_too_small", f"{amount_msat} msat is less than 1 sat", 400)
-        if not key:
-            raise _fail("bad_message", "an idempotency key is required", 400)
+        sats = _whole_sats(amount_msat, key)
         async with self._exclusive(storage.issue_op(key)) as conn:
             row = await storage.get_issue(conn, key)
             if row is not None and row["state"] == "done":
@@ -392,11 +388,7 @@ class NodeWallet:
     async def pay(self, amount_msat: int, key: str, address: str) -> bus.Paid:
         """Pay `amount_msat` (whole sats) to a Lightning address: LNURL-pay invoice, then a melt of
         exactly cut proofs. Lightning and mint fees come on top and are reported in `fee_msat`."""
-        sats = amount_msat // 1000
-        if sats < 1:
-            raise _fail("amount_too_small", f"{amount_msat} msat is less than 1 sat", 400)
-        if not key:
-            raise _fail("bad_message", "an idempotency key is required", 400)
+        sats = _whole_sats(amount_msat, key)
         async with self._exclusive(storage.payout_op(key)) as conn:
             row = await storage.get_payout(conn, key)
             if row is not None and row["state"] == "paid":
@@ -692,3 +684,13 @@ def _redeemed(row: asyncpg.Record, already: bool) -> bus.Redeemed:
 
 def _issued(row: asyncpg.Record, already: bool) -> bus.Issued:
     return bus.Issued(row["token"], row["amount_sat"] * 1000, row["mint_url"], row["fee_sat"] * 1000, already=already)
+
+
+def _whole_sats(amount_msat: int, key: str) -> int:
+    """Whole sats to pay out for an idempotent operation, or the typed refusal."""
+    sats = amount_msat // 1000
+    if sats < 1:
+        raise _fail("amount_too_small", f"{amount_msat} msat is less than 1 sat", 400)
+    if not key:
+        raise _fail("bad_message", "an idempotency key is required", 400)
+    return sats
