@@ -16,10 +16,13 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+from cryptography.fernet import Fernet
 
 from devstack import processes
+from shared import bus
 from shared.config import ConfigError, load_settings
 
 RUN_DIR = Path(".run")
@@ -57,6 +60,34 @@ def _wait_ready(url: str, children: dict[str, subprocess.Popen], timeout: float 
     raise RuntimeError(f"{url} not ready after {timeout:g}s")
 
 
+def _kept_secret(path: Path, make) -> str:
+    """The secret in `path`, made by `make()` and written 0600 the first time."""
+    if not path.exists():
+        path.touch(mode=0o600)
+        path.write_text(make())
+    return path.read_text().strip()
+
+
+def _nats_credentials(folder: Path) -> dict[str, str]:
+    """Each bus role's password, made once and kept in `folder/credentials.json` (0600), so a restarted
+    `make run` keeps them and an operator command can use its own (`NATS_USER=operator NATS_PASSWORD=…`)."""
+    path = folder / "credentials.json"
+    if path.exists():
+        kept = json.loads(path.read_text())
+        if set(kept) >= set(bus.ROLES):
+            return kept
+    folder.mkdir(parents=True, exist_ok=True)
+    passwords = processes.nats_passwords()
+    path.touch(mode=0o600)
+    path.write_text(json.dumps(passwords, indent=2))
+    return passwords
+
+
+def _without_password(url: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=f"{parts.username}@{parts.hostname}:{parts.port}"))
+
+
 def main() -> int:
     import asyncio
 
@@ -69,17 +100,23 @@ def main() -> int:
     started: list[processes.Service] = []
     children: dict[str, subprocess.Popen] = {}
     env = dict(os.environ)
+    env.setdefault("HOST", "127.0.0.1")  # a development node listens on loopback only
+    if not settings.secrets_key:
+        env["SECRETS_KEY"] = _kept_secret(RUN_DIR / "secrets.key", lambda: Fernet.generate_key().decode())
+        print(f"secrets at rest are encrypted with the key in {RUN_DIR}/secrets.key (SECRETS_KEY)")
+    passwords: dict[str, str] = {}
     try:
         if not settings.nats_url:
-            nats = processes.start_nats(RUN_DIR / "nats")
+            passwords = _nats_credentials(RUN_DIR / "nats")
+            nats = processes.start_nats(RUN_DIR / "nats", passwords)
             started.append(nats)
             env["NATS_URL"] = nats.url
-            print(f"started NATS (JetStream) at {nats.url}")
+            print(f"started NATS (JetStream, a user per service) at {nats.url}; credentials in {RUN_DIR}/nats/")
         if not settings.database_url:
-            postgres = processes.start_postgres(RUN_DIR / "postgres")
+            postgres = processes.start_postgres(RUN_DIR / "postgres", with_password=True)
             started.append(postgres)
             env["DATABASE_URL"] = asyncio.run(_ensure_database(postgres.url, "routstr"))
-            print(f"started Postgres at {env['DATABASE_URL']}")
+            print(f"started Postgres at {_without_password(env['DATABASE_URL'])} (password in {RUN_DIR}/postgres/)")
         if not settings.cashu_mints:
             mint = processes.start_mint(RUN_DIR / "mint")
             started.append(mint)
@@ -100,8 +137,9 @@ def main() -> int:
             subprocess.run([sys.executable, "-m", f"services.{service}", "migrate"], env=env, check=True)
         for service in SERVICES:
             log = (RUN_DIR / f"{service}.log").open("ab")
+            own = {**env, "NATS_PASSWORD": passwords[service]} if passwords else env
             children[service] = subprocess.Popen(
-                [sys.executable, "-m", f"services.{service}"], env=env, stdout=log, stderr=subprocess.STDOUT
+                [sys.executable, "-m", f"services.{service}"], env=own, stdout=log, stderr=subprocess.STDOUT
             )
         (RUN_DIR / "state.json").write_text(json.dumps({"mints": env["CASHU_MINTS"].split(",")}))
         gateway = f"http://127.0.0.1:{settings.port}"

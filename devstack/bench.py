@@ -26,6 +26,7 @@ from pathlib import Path
 
 import aiohttp
 import uvloop
+from cryptography.fernet import Fernet
 
 from devstack import processes
 from shared import bus, messaging
@@ -92,9 +93,9 @@ async def _closed_loop(session, url: str, headers: list[dict], concurrency: int,
     return {"requests": done, "errors": errors, "rps": done / (time.perf_counter() - start)}
 
 
-async def _fund(nats_url: str, count: int) -> list[str]:
+async def _fund(nats_url: str, password: str, count: int) -> list[str]:
     keys = ["sk-" + secrets.token_hex(32) for _ in range(count)]
-    nc = await messaging.connect(nats_url, "bench")
+    nc = await messaging.connect(nats_url, "bench", user="operator", password=password)
     for key in keys:
         key_hash = hashlib.sha256(key.encode()).hexdigest()
         create = bus.CreateKey(key_hash, 10**15, "bench-" + key_hash)
@@ -144,7 +145,7 @@ def main() -> int:
     args = parser.parse_args()
     uvloop.install()  # the load generator should not be the bottleneck of either path
     work = Path(tempfile.mkdtemp(prefix="routstr-bench-"))
-    nats = processes.start_nats(work / "nats")
+    nats = processes.start_nats(work / "nats", processes.nats_passwords())
     postgres = processes.start_postgres(work / "postgres")
     children: list[subprocess.Popen] = []
     try:
@@ -158,18 +159,19 @@ def main() -> int:
             "UPSTREAM_BASE_URL": f"http://127.0.0.1:{upstream_port}/v1", "UPSTREAM_API_KEY": "bench",
             "PORT": str(gateway_port), "BILLING_PORT": str(processes.free_port()), "FIXED_PRICING": "true",
             "CASHU_MINTS": "http://127.0.0.1:1", "RELAYS": "", "LOG_LEVEL": "WARNING",
+            "SECRETS_KEY": Fernet.generate_key().decode(), "METRICS_PORT": str(processes.free_port()),
         }  # fmt: skip
         for service in ("billing", "gateway"):
             children.append(
                 subprocess.Popen(
                     [sys.executable, "-m", f"services.{service}"],
-                    env=env,
+                    env={**env, "NATS_PASSWORD": nats.extra[service]},
                     stdout=subprocess.DEVNULL,
                     stderr=(work / f"{service}.log").open("wb"),
                 )
             )
             _wait_http(f"http://127.0.0.1:{env['BILLING_PORT' if service == 'billing' else 'PORT']}/readyz")
-        keys = asyncio.run(_fund(nats.url, args.concurrency))
+        keys = asyncio.run(_fund(nats.url, nats.extra["operator"], args.concurrency))
         results = asyncio.run(_measure(
             f"http://127.0.0.1:{upstream_port}/v1/chat/completions",
             f"http://127.0.0.1:{gateway_port}/v1/chat/completions",

@@ -7,8 +7,10 @@ there, NATS, Postgres and the mints are the operator's.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import pwd
+import secrets
 import shutil
 import socket
 import subprocess
@@ -18,6 +20,9 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
+
+from shared import bus
 
 
 def free_port() -> int:
@@ -82,18 +87,29 @@ def _binary(name: str) -> str:
     return found
 
 
-def start_nats(workdir: Path) -> Service:
-    """nats-server with JetStream; ready when its monitor says JetStream is up."""
+def nats_passwords() -> dict[str, str]:
+    """A fresh random password for every bus role (`shared.bus.ROLES`)."""
+    return {role: secrets.token_urlsafe(24) for role in bus.ROLES}
+
+
+def start_nats(workdir: Path, passwords: dict[str, str], unrestricted: dict[str, str] | None = None) -> Service:
+    """nats-server with JetStream and the bus's users and permissions (`bus.nats_authorization`); ready
+    when its monitor says JetStream is up. `extra` holds each role's password; the config file is 0600."""
     workdir.mkdir(parents=True, exist_ok=True)
     port, monitor = free_port(), free_port()
     log_path = workdir / "nats.log"
+    config = workdir / "nats.conf"
+    config.touch(mode=0o600)
+    config.write_text(
+        f"listen: \"127.0.0.1:{port}\"\nhttp: \"127.0.0.1:{monitor}\"\n"
+        f"jetstream {{ store_dir: {json.dumps(str(workdir / 'js'))} }}\n"
+        + bus.nats_authorization(passwords, unrestricted)
+    )
     proc = subprocess.Popen(
-        [_binary("nats-server"), "-a", "127.0.0.1", "-p", str(port), "-m", str(monitor),
-         "-js", "-sd", str(workdir / "js")],
-        stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
-    )  # fmt: skip
+        [_binary("nats-server"), "-c", str(config)], stdout=log_path.open("wb"), stderr=subprocess.STDOUT
+    )
     _wait("nats", proc, log_path, lambda: _http_ok(f"http://127.0.0.1:{monitor}/healthz?js-enabled-only=true"), 15)
-    return Service("nats", f"nats://127.0.0.1:{port}", proc, log_path)
+    return Service("nats", f"nats://127.0.0.1:{port}", proc, log_path, dict(passwords))
 
 
 def _postgres_bin() -> Path:
@@ -114,8 +130,11 @@ def _as_postgres_user() -> dict:
     return {"user": entry.pw_uid, "group": entry.pw_gid}
 
 
-def start_postgres(workdir: Path) -> Service:
-    """A throwaway cluster (trust auth on loopback, fsync off) owned by an unprivileged user."""
+def start_postgres(workdir: Path, with_password: bool = False) -> Service:
+    """A throwaway cluster (fsync off) owned by an unprivileged user, on loopback only.
+
+    Trust auth, or with `with_password` SCRAM for everyone, the superuser's password made once and
+    kept in `workdir/superuser.password` (0600). A cluster made without one is refused then."""
     bindir = _postgres_bin()
     workdir = workdir.resolve()  # the postgres user needs every absolute parent to be traversable
     workdir.mkdir(parents=True, exist_ok=True)
@@ -128,12 +147,27 @@ def start_postgres(workdir: Path) -> Service:
             os.chmod(path, os.stat(path).st_mode | 0o011)  # traversable by the postgres user
         os.chown(workdir, creds["user"], creds["group"])
     log_path = workdir / "postgres.log"
+    secret_file = workdir / "superuser.password"
+    auth = ["--auth=trust"]
+    if with_password and not secret_file.exists():
+        if (data / "PG_VERSION").exists():
+            raise RuntimeError(f"{data} was made without a password; remove it (`make clean`) to start afresh")
+        secret_file.touch(mode=0o600)
+        secret_file.write_text(secrets.token_urlsafe(24))
+    if with_password:
+        pwfile = workdir / "initdb.pw"
+        pwfile.touch(mode=0o600)
+        pwfile.write_text(secret_file.read_text())
+        if creds:
+            os.chown(pwfile, creds["user"], creds["group"])
+        auth = ["--auth=scram-sha-256", f"--pwfile={pwfile}"]
     if not (data / "PG_VERSION").exists():
         subprocess.run(
-            [str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8",
-             "--no-sync"],
+            [str(bindir / "initdb"), "-D", str(data), "-U", "postgres", *auth, "-E", "UTF8", "--no-sync"],
             check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **creds,
         )  # fmt: skip
+    if with_password:
+        pwfile.unlink()
     port = free_port()
     proc = subprocess.Popen(
         [str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-k", str(workdir),
@@ -150,7 +184,8 @@ def start_postgres(workdir: Path) -> Service:
         return probe.returncode == 0
 
     _wait("postgres", proc, log_path, ready, 30)
-    return Service("postgres", f"postgresql://postgres@127.0.0.1:{port}/postgres", proc, log_path)
+    user = f"postgres:{quote(secret_file.read_text(), safe='')}" if with_password else "postgres"
+    return Service("postgres", f"postgresql://{user}@127.0.0.1:{port}/postgres", proc, log_path)
 
 
 def start_mint(workdir: Path, input_fee_ppk: int = 0) -> Service:

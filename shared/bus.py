@@ -13,6 +13,7 @@ fields they do not know, so services of adjacent versions can run side by side d
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import msgspec
@@ -346,3 +347,117 @@ def encode(message: msgspec.Struct) -> bytes:
 
 def decode(data: bytes) -> Message:
     return _decoder.decode(data)
+
+
+# ---- who may say what on the bus ------------------------------------------------------------
+# Each service connects as its own NATS user (user name = role name) and the server enforces this
+# table (`nats_authorization` writes the server's `authorization` block from it). A request subject's
+# first word names the service that answers it (`billing.*` by billing, `wallet.*` by the wallet,
+# `discovery.*` by discovery), so a subject added under an existing prefix is answered and permitted
+# with no change here: every role listed with that prefix may request it. Add an entry to a role's
+# `deny` when it must not, e.g. an operator command under `billing.`; add a new prefix to `ANSWERS`
+# and to the roles that call it. `tests/test_security.py` fails for a subject no role may send or
+# answer. Replies go to `_INBOX.<role>.…` (each client's `inbox_prefix`), so no role reads another's.
+
+
+class Role(msgspec.Struct, frozen=True):
+    """One NATS user's rights: `requests` and `publishes` are subjects (NATS wildcards allowed) it may
+    send to, minus `deny`; `listens` are event subjects it may subscribe to; `jetstream` the
+    `$JS.API`/`$JS.ACK` subjects its stream calls use. Answering its `ANSWERS` prefix is implied."""
+
+    requests: tuple[str, ...] = ()
+    deny: tuple[str, ...] = ()
+    publishes: tuple[str, ...] = ()
+    listens: tuple[str, ...] = ()
+    jetstream: tuple[str, ...] = ()
+
+
+_USAGE_STREAM_ADMIN = (
+    f"$JS.API.STREAM.CREATE.{USAGE_STREAM}", f"$JS.API.STREAM.UPDATE.{USAGE_STREAM}",
+    f"$JS.API.STREAM.INFO.{USAGE_STREAM}", f"$JS.API.CONSUMER.CREATE.{USAGE_STREAM}.>",
+    f"$JS.API.CONSUMER.DURABLE.CREATE.{USAGE_STREAM}.>",
+)  # fmt: skip
+
+ANSWERS: dict[str, str] = {"billing": "billing.>", "wallet": "wallet.>", "discovery": "discovery.>"}
+
+ROLES: dict[str, Role] = {
+    # Gateways reserve, settle, deposit, refund and read; operator commands are not theirs.
+    "gateway": Role(
+        requests=("billing.>", "discovery.>"),
+        deny=(BILLING_CREATE_KEY, BILLING_RECONCILE),
+        publishes=(USAGE_SUBJECT,),
+        listens=(EVENT_CATALOG_CHANGED,),
+        jetstream=_USAGE_STREAM_ADMIN,
+    ),
+    # Billing alone asks the wallet to redeem, issue and pay; it consumes the usage stream.
+    "billing": Role(
+        requests=("wallet.>",),
+        publishes=(EVENT_CATALOG_CHANGED,),
+        jetstream=(
+            *_USAGE_STREAM_ADMIN,
+            f"$JS.API.CONSUMER.INFO.{USAGE_STREAM}.{USAGE_CONSUMER}",
+            f"$JS.API.CONSUMER.MSG.NEXT.{USAGE_STREAM}.{USAGE_CONSUMER}",
+            f"$JS.ACK.{USAGE_STREAM}.{USAGE_CONSUMER}.>",
+        ),
+    ),
+    "wallet": Role(),
+    "discovery": Role(requests=(BILLING_MODELS,), listens=(EVENT_CATALOG_CHANGED,)),
+    # The operator's commands (`python -m services.billing create-key|reconcile`), never the hot path.
+    "operator": Role(
+        requests=("billing.>", WALLET_HOLDINGS, "discovery.>"),
+        deny=(BILLING_RESERVE, BILLING_SETTLE, BILLING_DEPOSIT, BILLING_REFUND),
+    ),
+}
+
+
+def inbox_prefix(role: str) -> str:
+    """Where `role`'s replies arrive; only `role` may subscribe under it."""
+    return f"_INBOX.{role}"
+
+
+def nats_permissions(role: str) -> dict[str, Any]:
+    """The NATS `permissions` map of `role`: publish and subscribe allow/deny lists, replies allowed.
+
+    Raises KeyError for an unknown role."""
+    spec = ROLES[role]
+    answers = (ANSWERS[role],) if role in ANSWERS else ()
+    # A responder's readiness probe is a request to its own last subject, hence `answers` in publish.
+    publish: dict[str, Any] = {"allow": [*spec.requests, *spec.publishes, *spec.jetstream, *answers]}
+    if spec.deny:
+        publish["deny"] = list(spec.deny)
+    subscribe = {"allow": [f"{inbox_prefix(role)}.>", *answers, *spec.listens]}
+    return {"publish": publish, "subscribe": subscribe, "allow_responses": True}
+
+
+def subject_matches(pattern: str, subject: str) -> bool:
+    """NATS wildcard matching: `*` is one token, a trailing `>` one or more."""
+    want, have = pattern.split("."), subject.split(".")
+    for i, token in enumerate(want):
+        if token == ">":
+            return len(have) > i
+        if i >= len(have) or (token != "*" and token != have[i]):
+            return False
+    return len(want) == len(have)
+
+
+def may_publish(role: str, subject: str) -> bool:
+    """Whether the server lets `role` publish on `subject` (allow minus deny), as the table says."""
+    rules = nats_permissions(role)["publish"]
+    allowed = any(subject_matches(p, subject) for p in rules["allow"])
+    return allowed and not any(subject_matches(p, subject) for p in rules.get("deny", ()))
+
+
+def nats_authorization(passwords: dict[str, str] | None = None, unrestricted: dict[str, str] | None = None) -> str:
+    """nats-server's `authorization { users = [...] }` block for every role in `ROLES`.
+
+    `passwords` maps role -> password (a missing role gets `$NATS_<ROLE>_PASSWORD`, a variable the
+    server reads from its environment, as in Kubernetes); `unrestricted` adds users with no permission
+    limits (test harnesses only). Unauthenticated clients are refused by the block's mere presence."""
+    users = []
+    for role in ROLES:
+        secret = json.dumps(passwords[role]) if passwords and role in passwords else f"$NATS_{role.upper()}_PASSWORD"
+        users.append(f"    {{user: {json.dumps(role)}, password: {secret}, permissions: "
+                     f"{json.dumps(nats_permissions(role))}}}")  # fmt: skip
+    for user, secret in (unrestricted or {}).items():
+        users.append(f"    {{user: {json.dumps(user)}, password: {json.dumps(secret)}}}")
+    return "authorization {\n  users = [\n" + "\n".join(users) + "\n  ]\n}\n"

@@ -7,6 +7,7 @@ them in step.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
@@ -65,6 +66,21 @@ def _mint(name: str, raw: str) -> str:
     return _url(name, raw, ("http", "https")).rstrip("/")
 
 
+def _file(name: str, raw: str) -> str:
+    raw = raw.strip()
+    if raw and not Path(raw).is_file():
+        raise ConfigError(f"{name}: no such file {raw!r}")
+    return raw
+
+
+def _networks(name: str, raw: str) -> tuple[str, ...]:
+    """CIDRs, normalised (`10.0.0.0/8`, `::1/128`); a bare address is its own /32 or /128."""
+    try:
+        return tuple(str(ipaddress.ip_network(part, strict=False)) for part in _list(raw))
+    except ValueError as exc:
+        raise ConfigError(f"{name}: expected comma-separated CIDRs ({exc})") from None
+
+
 # name -> (default, description, secret). Order is the order of the docs.
 SETTINGS_DOC: dict[str, tuple[str, str, bool]] = {
     "NAME": ("Routstr Node", "Node name shown in /v1/info and the Nostr announcement", False),
@@ -107,6 +123,25 @@ SETTINGS_DOC: dict[str, tuple[str, str, bool]] = {
     "ADMIN_PASSWORD": ("", "Secret for the admin API; admin is off when empty", True),
     "RECEIVE_LN_ADDRESS": ("", "Lightning address that operator revenue is paid out to", False),
     "LOG_LEVEL": ("INFO", "DEBUG, INFO, WARNING or ERROR", False),
+    # Security: bus credentials, TLS, secrets at rest, who may forward client addresses.
+    "NATS_USER": ("", "NATS user of this service; its service name (its role in shared/bus.py) when empty", False),
+    "NATS_PASSWORD": ("", "NATS password of NATS_USER; no credentials are sent when empty", True),
+    "NATS_CA_FILE": ("", "CA bundle (PEM) that NATS's TLS certificate must chain to; turns TLS on", False),
+    "NATS_CERT_FILE": ("", "Client certificate (PEM) for NATS mutual TLS", False),
+    "NATS_KEY_FILE": ("", "Private key (PEM) of NATS_CERT_FILE", False),
+    "DATABASE_CA_FILE": ("", "CA bundle (PEM) that Postgres's TLS certificate must chain to; turns TLS on", False),
+    "DATABASE_CERT_FILE": ("", "Client certificate (PEM) for Postgres mutual TLS", False),
+    "DATABASE_KEY_FILE": ("", "Private key (PEM) of DATABASE_CERT_FILE", False),
+    "SECRETS_KEY": (
+        "",
+        "Comma-separated Fernet keys that encrypt the seed, Nostr key and tokens at rest; the first encrypts,"
+        " all decrypt (rotation)",
+        True,
+    ),
+    "TRUSTED_PROXIES": ("", "Comma-separated CIDRs whose X-Forwarded-For names the client; none when empty", False),
+    "RATE_LIMIT_PER_KEY_PER_MINUTE": ("600", "Requests a minute one API key or token may make; 0 = off", False),
+    "METRICS_PORT": ("9090", "Gateway /metrics port, apart from the public one", False),
+    "LNURL_ALLOW_LOOPBACK": ("false", "Development only: let Lightning-address payouts call loopback hosts", False),
 }
 
 
@@ -147,6 +182,19 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     admin_password: str
     receive_ln_address: str
     log_level: str
+    nats_user: str = ""
+    nats_password: str = ""
+    nats_ca_file: str = ""
+    nats_cert_file: str = ""
+    nats_key_file: str = ""
+    database_ca_file: str = ""
+    database_cert_file: str = ""
+    database_key_file: str = ""
+    secrets_key: tuple[str, ...] = ()
+    trusted_proxies: tuple[str, ...] = ()
+    rate_limit_per_key_per_minute: int = 600
+    metrics_port: int = 9090
+    lnurl_allow_loopback: bool = False
 
     def replace(self, **changes: Any) -> Settings:
         return msgspec.structs.replace(self, **changes)
@@ -248,6 +296,19 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv: Path | None 
         admin_password=get("ADMIN_PASSWORD"),
         receive_ln_address=get("RECEIVE_LN_ADDRESS").strip(),
         log_level=level,
+        nats_user=get("NATS_USER").strip(),
+        nats_password=get("NATS_PASSWORD"),
+        nats_ca_file=_file("NATS_CA_FILE", get("NATS_CA_FILE")),
+        nats_cert_file=_file("NATS_CERT_FILE", get("NATS_CERT_FILE")),
+        nats_key_file=_file("NATS_KEY_FILE", get("NATS_KEY_FILE")),
+        database_ca_file=_file("DATABASE_CA_FILE", get("DATABASE_CA_FILE")),
+        database_cert_file=_file("DATABASE_CERT_FILE", get("DATABASE_CERT_FILE")),
+        database_key_file=_file("DATABASE_KEY_FILE", get("DATABASE_KEY_FILE")),
+        secrets_key=_list(get("SECRETS_KEY")),
+        trusted_proxies=_networks("TRUSTED_PROXIES", get("TRUSTED_PROXIES")),
+        rate_limit_per_key_per_minute=non_negative("RATE_LIMIT_PER_KEY_PER_MINUTE"),
+        metrics_port=port("METRICS_PORT"),
+        lnurl_allow_loopback=_bool("LNURL_ALLOW_LOOPBACK", get("LNURL_ALLOW_LOOPBACK")),
     )
 
 

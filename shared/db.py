@@ -6,6 +6,7 @@ import hashlib
 import logging
 import re
 from pathlib import Path
+from ssl import SSLContext
 
 import asyncpg
 
@@ -23,9 +24,15 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     """Skip asyncpg's per-release session reset (a round trip on every query) for code keeping no session state."""
 
 
-async def create_pool(url: str, min_size: int = 2, max_size: int = 10, reset_session: bool = True) -> asyncpg.Pool:
+async def create_pool(
+    url: str, min_size: int = 2, max_size: int = 10, reset_session: bool = True, ssl: SSLContext | None = None
+) -> asyncpg.Pool:
+    """A pool on `url`; `ssl` (shared.tls.database_context) replaces the URL's own sslmode when given."""
     reset = None if reset_session else _keep_session
-    return await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, command_timeout=30, reset=reset)
+    extra = {"ssl": ssl} if ssl is not None else {}
+    return await asyncpg.create_pool(
+        url, min_size=min_size, max_size=max_size, command_timeout=30, reset=reset, **extra
+    )
 
 
 def _files(folder: Path) -> list[tuple[int, str, str]]:
@@ -83,8 +90,8 @@ async def migrate(conn: asyncpg.Connection, service: str, folder: Path) -> list[
         await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_ID)
 
 
-async def migrate_url(url: str, service: str, folder: Path) -> list[str]:
-    conn = await asyncpg.connect(url)
+async def migrate_url(url: str, service: str, folder: Path, ssl: SSLContext | None = None) -> list[str]:
+    conn = await asyncpg.connect(url, **({"ssl": ssl} if ssl is not None else {}))
     try:
         return await migrate(conn, service, folder)
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -15,7 +16,8 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
 
-from shared import bus
+from shared import bus, tls
+from shared.config import Settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -31,12 +33,26 @@ class BusError(Exception):
         self.error = error
 
 
-async def connect(url: str, name: str, first_attempt_seconds: float = 2.0) -> NATS:
+async def connect(
+    url: str,
+    name: str,
+    first_attempt_seconds: float = 2.0,
+    *,
+    user: str | None = None,
+    password: str | None = None,
+    tls_context: ssl.SSLContext | None = None,
+) -> NATS:
     """Connect, then reconnect forever: a NATS restart must not kill a service.
 
     nats-py also retries the *first* connection forever in that mode, so the first attempt is bounded
-    here and the caller decides how long to keep trying (`shared.service.retry_start`).
+    here and the caller decides how long to keep trying (`shared.service.retry_start`). With `user`,
+    replies arrive under `bus.inbox_prefix(user)`, the only inbox that user may read.
     """
+    credentials: dict = {}
+    if user and password:
+        credentials = {"user": user, "password": password, "inbox_prefix": bus.inbox_prefix(user)}
+    if tls_context is not None:
+        credentials["tls"] = tls_context
 
     async def on_error(exc: Exception) -> None:
         log.warning("nats error: %s", exc)
@@ -50,9 +66,18 @@ async def connect(url: str, name: str, first_attempt_seconds: float = 2.0) -> NA
             connect_timeout=first_attempt_seconds,
             allow_reconnect=True,
             error_cb=on_error,
+            **credentials,
         ),
         timeout=first_attempt_seconds,
     )
+
+
+async def connect_service(settings: Settings, role: str) -> NATS:
+    """A service's own connection: user NATS_USER (else `role`, its row in `bus.ROLES`) with
+    NATS_PASSWORD, over TLS when NATS_CA_FILE is set or the URL says `tls://`."""
+    user = settings.nats_user or role
+    context = tls.nats_context(settings)
+    return await connect(settings.nats_url, role, user=user, password=settings.nats_password, tls_context=context)
 
 
 class Responder:

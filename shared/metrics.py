@@ -6,6 +6,8 @@ can run in one test process. The README's metrics table and the alerts/dashboard
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -13,6 +15,9 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 
 class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry):
+        # Bounds every `model` label: the app sets it to map models outside its catalog to "unknown",
+        # so a client cannot mint unbounded series.
+        self.model_label: Callable[[str], str] = lambda model: "unknown"
         self.requests = Counter(
             "routstr_http_requests_total", "HTTP requests answered by the gateway",
             ["route", "model", "status"], registry=registry,

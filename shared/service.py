@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import logging
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import asyncpg
@@ -15,7 +15,7 @@ from aiohttp import web
 from nats.aio.client import Client as NATS
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from shared import db
+from shared import db, tls
 from shared.config import ConfigError, Settings, load_settings, require
 from shared.logs import setup_logging
 
@@ -27,12 +27,14 @@ NC = web.AppKey("nc", NATS)
 POOL = web.AppKey("pool", asyncpg.Pool)
 CHECKS = web.AppKey("checks", dict)
 DRAINING = web.AppKey("draining", list)
+METRICS_URL = web.AppKey("metrics_url", str)
 
 Check = Callable[[], Awaitable[bool] | bool]
 
 
-def ops_app(settings: Settings, registry: CollectorRegistry) -> web.Application:
-    """An application with /healthz, /readyz and /metrics; services add routes and checks to it."""
+def ops_app(settings: Settings, registry: CollectorRegistry, metrics_route: bool = True) -> web.Application:
+    """An application with /healthz, /readyz and (unless `metrics_route` is False) /metrics; services add
+    routes and checks to it."""
     # Cashu tokens travel in headers (X-Cashu, Bearer) and can outgrow aiohttp's 8 KiB header limit;
     # the gateway rejects oversized tokens itself, with an error clients can parse.
     app = web.Application(
@@ -45,7 +47,8 @@ def ops_app(settings: Settings, registry: CollectorRegistry) -> web.Application:
     app[DRAINING] = []
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
-    app.router.add_get("/metrics", _metrics)
+    if metrics_route:
+        app.router.add_get("/metrics", _metrics)
     app.on_shutdown.append(_start_draining)
     return app
 
@@ -74,6 +77,27 @@ async def _readyz(request: web.Request) -> web.Response:
 
 async def _metrics(request: web.Request) -> web.Response:
     return web.Response(body=generate_latest(request.app[REGISTRY]), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def metrics_app(registry: CollectorRegistry) -> web.Application:
+    """/metrics alone, for a port of its own (the gateway's public port must not expose it)."""
+    app = web.Application()
+    app[REGISTRY] = registry
+    app.router.add_get("/metrics", _metrics)
+    return app
+
+
+async def serve_metrics(app: web.Application, host: str, port: int) -> AsyncIterator[None]:
+    """cleanup_ctx: serve `app`'s registry on host:port (0 = any free port) for the app's lifetime;
+    the bound base URL is stored under METRICS_URL."""
+    runner = web.AppRunner(metrics_app(app[REGISTRY]), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    bound_host, bound_port = runner.addresses[0][:2]
+    app[METRICS_URL] = f"http://{'127.0.0.1' if bound_host in ('0.0.0.0', '::') else bound_host}:{bound_port}"
+    yield
+    await runner.cleanup()
 
 
 def nats_check(nc: NATS) -> Check:
@@ -122,7 +146,8 @@ def main(
             if migrations is None:
                 print(f"{service}: no migrations")
                 return
-            applied = asyncio.run(db.migrate_url(settings.database_url, service, migrations))
+            db_tls = tls.database_context(settings)
+            applied = asyncio.run(db.migrate_url(settings.database_url, service, migrations, db_tls))
             print(f"{service}: applied {len(applied)} migration(s): {', '.join(applied) or 'none pending'}")
             return
         require(settings, *needs)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import secrets
 import shutil
 import tempfile
 import uuid
@@ -21,14 +22,18 @@ import asyncpg
 import pytest
 import pytest_asyncio
 from aiohttp import web
+from cryptography.fernet import Fernet
 
 from devstack import processes
 from devstack.client_wallet import ClientWallet
 from devstack.upstream import create_app as create_upstream
 from shared.config import Settings, load_settings
+from shared.service import METRICS_URL
+from tests.support import natsauth
 
 SERVICES = ("billing", "wallet", "discovery", "gateway")
 UPSTREAM_KEY = "stub-upstream-key"
+SECRETS_KEY = Fernet.generate_key().decode()  # encrypts the test nodes' seeds, keys and tokens at rest
 
 
 @pytest.fixture(scope="session")
@@ -59,7 +64,11 @@ def fee_mint(tmp_path_factory) -> Iterator[processes.Service]:
 
 @pytest.fixture
 def nats_server(tmp_path) -> Iterator[processes.Service]:
-    service = processes.start_nats(tmp_path / "nats")
+    """NATS with the bus's users and permissions. `url` carries the unrestricted harness user's
+    credentials (for test code); `extra` maps each role to its password (for the services)."""
+    harness = secrets.token_urlsafe(16)
+    service = processes.start_nats(tmp_path / "nats", processes.nats_passwords(), {natsauth.HARNESS_USER: harness})
+    service.url = natsauth.harness_url(service.url, harness)
     yield service
     service.stop()
 
@@ -110,9 +119,12 @@ class Node:
             await self.runners.pop().cleanup()
 
 
-def node_env(nats_url: str, database_url: str, upstream_url: str, mint_url: str, **overrides: str) -> dict:
+def node_env(
+    nats: processes.Service | str, database_url: str, upstream_url: str, mint_url: str, **overrides: str
+) -> dict:
+    """The environment of a node's services; given the NATS service, each connects as its own role."""
     env = {
-        "NATS_URL": nats_url,
+        "NATS_URL": nats if isinstance(nats, str) else nats.url,
         "DATABASE_URL": database_url,
         "UPSTREAM_BASE_URL": upstream_url,
         "UPSTREAM_API_KEY": UPSTREAM_KEY,
@@ -120,10 +132,15 @@ def node_env(nats_url: str, database_url: str, upstream_url: str, mint_url: str,
         "RELAYS": "",
         "BTC_USD_RATE": "100000",
         "HOST": "127.0.0.1",
+        "METRICS_PORT": "0",
+        "LNURL_ALLOW_LOOPBACK": "true",
+        "SECRETS_KEY": SECRETS_KEY,  # test LNURL services listen on loopback; tests/test_security.py turns it off
         "LOG_LEVEL": "WARNING",
         "NAME": "Test Node",
         "DESCRIPTION": "A node under test",
     }
+    if not isinstance(nats, str):
+        env.update(natsauth.password_vars(nats.extra))
     env.update(overrides)
     return env
 
@@ -134,10 +151,12 @@ async def start_node(env: dict, services: tuple[str, ...] = SERVICES) -> Node:
     try:
         for name in services:
             module = importlib.import_module(f"services.{name}.app")
-            app = await module.create_app(settings)
+            app = await module.create_app(load_settings(natsauth.service_env(env, name), dotenv=None))
             runner, url = await serve_app(app)
             node.runners.append(runner)
             node.urls[name] = url
+            if METRICS_URL in app:
+                node.urls[f"{name}_metrics"] = app[METRICS_URL]
     except BaseException:
         await node.stop()
         raise
@@ -150,7 +169,7 @@ async def make_node(nats_server, database, upstream, mint) -> AsyncIterator:
     nodes: list[Node] = []
 
     async def factory(services: tuple[str, ...] = SERVICES, **overrides: str) -> Node:
-        env = node_env(nats_server.url, database, upstream, mint.url, **overrides)
+        env = node_env(nats_server, database, upstream, mint.url, **overrides)
         node = await start_node(env, services)
         nodes.append(node)
         return node

@@ -13,6 +13,7 @@ import pytest
 from devstack.processes import free_port
 from shared import bus, db
 from shared.config import SETTINGS_DOC, ConfigError, load_settings
+from tests.conftest import SECRETS_KEY
 
 
 def test_defaults_load_and_every_variable_is_documented():
@@ -117,7 +118,7 @@ def test_unreachable_nats_at_start_fails_clearly():
 
 def test_unreachable_postgres_at_start_fails_clearly(nats_server):
     env = {"NATS_URL": nats_server.url, "DATABASE_URL": f"postgresql://postgres@127.0.0.1:{free_port()}/x",
-           "BILLING_PORT": str(free_port())}  # fmt: skip
+           "BILLING_PORT": str(free_port()), "SECRETS_KEY": SECRETS_KEY}  # fmt: skip
     result = _run_service("billing", env)
     assert result.returncode == 2
     assert "DATABASE_URL: not reachable" in result.stderr and "Traceback" not in result.stderr

@@ -264,8 +264,10 @@ async def test_ops_endpoints(node, http):
         assert response.status == 200
     async with http.get(f"{node.url}/readyz") as response:
         assert response.status == 200 and (await response.json())["checks"]["nats"] is True
-    async with http.get(f"{node.url}/metrics") as response:
+    async with http.get(f"{node.urls['gateway_metrics']}/metrics") as response:
         assert "routstr_http_requests_total" in await response.text()
+    async with http.get(f"{node.url}/metrics") as response:
+        assert response.status == 404  # not on the public port
 
 
 async def test_client_disconnect_stops_the_stream_and_charges_only_what_was_sent(node, http):
@@ -285,7 +287,7 @@ async def test_client_disconnect_stops_the_stream_and_charges_only_what_was_sent
 
 
 async def test_inbound_rate_limit_answers_429_in_each_shape(make_node, http):
-    node = await make_node(CORE, FIXED_PRICING="true", RATE_LIMIT_PER_MINUTE="3")
+    node = await make_node(CORE, FIXED_PRICING="true", RATE_LIMIT_PER_MINUTE="3", TRUSTED_PROXIES="127.0.0.1/32")
     key = await funded_key(node.settings.nats_url, 50_000)
     for _ in range(3):
         async with http.get(f"{node.url}/v1/balance/info", headers=auth(key)) as response:
@@ -299,7 +301,7 @@ async def test_inbound_rate_limit_answers_429_in_each_shape(make_node, http):
         assert (await response.json())["error"]["code"] == "rate_limited"
     async with http.get(f"{node.url}/healthz") as response:
         assert response.status == 200  # probes are never limited
-    # Another client (as its proxy reports it) has its own allowance.
+    # Another client (as its trusted proxy reports it) has its own allowance.
     other = {**auth(key), "X-Forwarded-For": "203.0.113.7"}
     async with http.get(f"{node.url}/v1/balance/info", headers=other) as response:
         assert response.status == 200

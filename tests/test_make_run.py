@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
+
+import asyncpg
+import pytest
 
 from devstack.processes import free_port
 
@@ -27,7 +32,8 @@ def test_make_run_brings_up_a_working_node_and_stops_everything(tmp_path: Path, 
     unset = {"NATS_URL", "DATABASE_URL", "CASHU_MINTS", "UPSTREAM_BASE_URL"}
     env = {k: v for k, v in os.environ.items() if k not in unset}
     env.update(PORT=str(port), BILLING_PORT=str(free_port()), WALLET_PORT=str(free_port()),
-               DISCOVERY_PORT=str(free_port()), RELAYS="", HOST="127.0.0.1", PYTHONPATH=str(REPO))  # fmt: skip
+               DISCOVERY_PORT=str(free_port()), METRICS_PORT=str(free_port()), RELAYS="",
+               PYTHONPATH=str(REPO))  # fmt: skip
     # External NATS (the test's) and embedded Postgres: both modes in one run.
     env["NATS_URL"] = nats_server.url
     node = subprocess.Popen([sys.executable, "-m", "devstack"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
@@ -41,6 +47,11 @@ def test_make_run_brings_up_a_working_node_and_stops_everything(tmp_path: Path, 
             output += line
             assert time.monotonic() < deadline, output
         assert "DEVELOPMENT MODE" in output and "started NATS" not in output and "started Postgres" in output
+        # Its Postgres wants the password kept under .run/ (SCRAM); without it the door stays shut.
+        postgres = re.search(r"started Postgres at (postgresql://\S+)", output).group(1)
+        assert ":" not in postgres.split("//", 1)[1].split("@", 1)[0]  # the password is not printed
+        with pytest.raises(asyncpg.InvalidPasswordError):
+            asyncio.run(asyncpg.connect(postgres, timeout=10))
         token = subprocess.run([sys.executable, "-m", "devstack.token", "50"], cwd=tmp_path, env=env,
                                capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
         assert token.startswith("cashuB")

@@ -35,7 +35,7 @@ def chat(content: str, **extra) -> dict:
 @pytest.fixture
 async def cluster(nats_server, database, upstream, mint, tmp_path):
     """Services as subprocesses against this test's NATS and database; all stopped after the test."""
-    running = Cluster(node_env(nats_server.url, database, upstream, mint.url, **PRICES), tmp_path)
+    running = Cluster(node_env(nats_server, database, upstream, mint.url, **PRICES), tmp_path)
     yield running
     await running.stop()
 
@@ -168,7 +168,7 @@ async def test_prometheus_scrapes_the_node_and_every_dashboard_and_alert_query_w
         await wait_prometheus(http, prom_process, prometheus)
         # Every service's exposition passes promtool's checks (format and naming lint).
         for proc in (billing, wallet, discovery, gateway):
-            async with http.get(f"{proc.url}/metrics") as response:
+            async with http.get(f"{proc.metrics_url}/metrics") as response:
                 text = await response.read()
             returncode, output = await promtool_check_metrics(text)
             assert returncode == 0, (proc.name, output)

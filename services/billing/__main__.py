@@ -20,7 +20,7 @@ async def _create_key(msat: int) -> str:
     require(settings, "NATS_URL")
     key = "sk-" + secrets.token_hex(32)
     key_hash = hashlib.sha256(key.encode()).hexdigest()
-    nc = await messaging.connect(settings.nats_url, "billing-cli")
+    nc = await messaging.connect_service(settings, "operator")
     try:
         await messaging.request(nc, bus.BILLING_CREATE_KEY, bus.CreateKey(key_hash, msat, key_hash), bus.KeyInfo)
     finally:
@@ -31,7 +31,7 @@ async def _create_key(msat: int) -> str:
 async def _reconcile() -> bus.Reconciliation:
     settings = load_settings()
     require(settings, "NATS_URL")
-    nc = await messaging.connect(settings.nats_url, "billing-cli")
+    nc = await messaging.connect_service(settings, "operator")
     try:
         return await messaging.request(nc, bus.BILLING_RECONCILE, bus.ReconcileQuery(), bus.Reconciliation, 30)
     finally:

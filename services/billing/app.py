@@ -15,9 +15,10 @@ from prometheus_client import CollectorRegistry
 from services.billing.accounts import Accounts
 from services.billing.catalog import Catalog, load_models_file
 from services.billing.ledger import Ledger, LedgerError
-from shared import bus, db, messaging
+from shared import bus, db, messaging, tls
 from shared.config import Settings
 from shared.metrics import BillingMetrics
+from shared.secretbox import SecretBox
 from shared.service import CHECKS, NC, POOL, SETTINGS, nats_check, ops_app, pool_check, retry_start
 
 log = logging.getLogger(__name__)
@@ -80,15 +81,17 @@ async def every(seconds: float, work, stop: asyncio.Event) -> None:
 async def _resources(app: web.Application):
     settings = app[SETTINGS]
     metrics = app[METRICS]
-    await retry_start("DATABASE_URL", lambda: db.migrate_url(settings.database_url, "billing", MIGRATIONS))
+    db_tls = tls.database_context(settings)
+    box = SecretBox.from_settings(settings)  # before connecting: a missing key fails start-up by name
+    await retry_start("DATABASE_URL", lambda: db.migrate_url(settings.database_url, "billing", MIGRATIONS, db_tls))
     # Billing keeps no session state (no advisory locks, no SET), so pooled connections need no reset.
-    pool = await db.create_pool(settings.database_url, max_size=20, reset_session=False)
-    nc = await retry_start("NATS_URL", lambda: messaging.connect(settings.nats_url, "billing"))
+    pool = await db.create_pool(settings.database_url, max_size=20, reset_session=False, ssl=db_tls)
+    nc = await retry_start("NATS_URL", lambda: messaging.connect_service(settings, "billing"))
     await messaging.ensure_usage_stream(nc, settings.usage_stream_replicas)
     app[POOL], app[NC] = pool, nc
     app[CHECKS].update(nats=nats_check(nc), postgres=pool_check(pool))
     session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
-    ledger = Ledger(pool)
+    ledger = Ledger(pool, box)
     catalog = Catalog(settings, pool, session)
     accounts = Accounts(ledger, catalog, nc, metrics, settings.default_max_tokens)
     app[ACCOUNTS] = accounts

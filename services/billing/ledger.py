@@ -12,6 +12,7 @@ import asyncpg
 import msgspec
 
 from shared import bus, pricing
+from shared.secretbox import SecretBox
 
 GRANTS, ECASH_IN, ECASH_OUT, LIGHTNING_OUT = "operator:grants", "ecash:in", "ecash:out", "lightning:out"
 LIGHTNING_IN = "lightning:in"
@@ -67,8 +68,9 @@ class PendingRefund:
 
 
 class Ledger:
-    def __init__(self, pool: asyncpg.Pool):
+    def __init__(self, pool: asyncpg.Pool, box: SecretBox):
         self.pool = pool
+        self.box = box  # refund tokens and not-yet-handed-out invoice keys are stored sealed
 
     # ---- keys ------------------------------------------------------------------------------
 
@@ -143,7 +145,8 @@ class Ledger:
         row = await self.pool.fetchrow(
             "INSERT INTO billing.invoices (invoice_id, quote_id, bolt11, payment_hash, purpose, key_hash, api_key,"
             " amount_msat, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING *",
-            invoice_id, quote.quote_id, quote.bolt11, payment_hash, purpose, key_hash, api_key, quote.amount_msat,
+            invoice_id, quote.quote_id, quote.bolt11, payment_hash, purpose, key_hash,
+            self.box.seal(api_key) if api_key else None, quote.amount_msat,
             quote.expires_at,
         )  # fmt: skip
         return _invoice(row, "pending")
@@ -184,7 +187,7 @@ class Ledger:
             invoice_id,
         )  # fmt: skip
         if row is not None:
-            return _invoice(row, "paid", row["handed_out"])
+            return _invoice(row, "paid", self.box.open(row["handed_out"]) if row["handed_out"] else None)
         row = await self.pool.fetchrow("SELECT * FROM billing.invoices WHERE invoice_id = $1", invoice_id)
         return _invoice(row, "expired" if expired else "pending")
 
@@ -288,7 +291,7 @@ class Ledger:
             balance = key["balance_msat"]
             if balance < pricing.MSAT_PER_SAT and key["last_refund_id"]:
                 last = await conn.fetchrow("SELECT * FROM billing.refunds WHERE refund_id = $1", key["last_refund_id"])
-                return _refunded(last)
+                return _refunded(last, self.box)
             if balance == 0:
                 raise LedgerError(fail("no_balance", "No balance to refund", 400))
             if balance < pricing.MSAT_PER_SAT:
@@ -311,17 +314,17 @@ class Ledger:
         async with self.pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow("SELECT * FROM billing.refunds WHERE refund_id = $1 FOR UPDATE", refund.refund_id)
             if row["state"] != "pending":
-                return _refunded(row)  # a concurrent retry of the same refund completed it first
+                return _refunded(row, self.box)  # a concurrent retry of the same refund completed it first
             row = await conn.fetchrow(
                 "UPDATE billing.refunds SET state = 'paid', token = $2, fee_msat = $3"
-                " WHERE refund_id = $1 RETURNING *", refund.refund_id, token, fee,
+                " WHERE refund_id = $1 RETURNING *", refund.refund_id, self.box.seal(token) if token else None, fee,
             )  # fmt: skip
             await conn.execute(
                 "UPDATE billing.keys SET last_refund_id = $2 WHERE key_hash = $1 AND balance_msat < 1000",
                 key_hash, refund.refund_id,
             )  # fmt: skip
             await _entry(conn, f"refund-fee:{refund.refund_id}", "fee", REVENUE, FEES, fee, key_hash)
-            return _refunded(row)
+            return _refunded(row, self.box)
 
     async def cancel_refund(self, refund: PendingRefund, key_hash: str) -> None:
         """The payout was refused for good (not a transient failure): give the money back to the key."""
@@ -376,8 +379,9 @@ def _settled(request_id: str, row: asyncpg.Record, already: bool) -> bus.Settled
     )  # fmt: skip
 
 
-def _refunded(row: asyncpg.Record) -> bus.Refunded:
-    return bus.Refunded(refund_id=row["refund_id"], amount_msat=row["amount_msat"], token=row["token"],
+def _refunded(row: asyncpg.Record, box: SecretBox) -> bus.Refunded:
+    token = box.open(row["token"]) if row["token"] else None
+    return bus.Refunded(refund_id=row["refund_id"], amount_msat=row["amount_msat"], token=token,
                         recipient=row["recipient"], status=row["state"])  # fmt: skip
 
 

@@ -12,9 +12,10 @@ from prometheus_client import CollectorRegistry
 from services.discovery.identity import Clock, parse_nsec, stored_keys
 from services.discovery.node import Discovery
 from services.discovery.relays import Relays
-from shared import db, messaging
+from shared import db, messaging, tls
 from shared.config import ConfigError, Settings
 from shared.metrics import DiscoveryMetrics
+from shared.secretbox import SecretBox
 from shared.service import CHECKS, NC, POOL, SETTINGS, nats_check, ops_app, retry_start
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -25,6 +26,7 @@ async def create_app(settings: Settings) -> web.Application:
     keys = parse_nsec(settings.nsec) if settings.nsec else None
     if keys is None and not settings.database_url:
         raise ConfigError("NSEC: not set, and there is no DATABASE_URL to keep a generated key in")
+    box = SecretBox.from_settings(settings) if keys is None else None  # the generated key is stored sealed
     registry = CollectorRegistry()
     metrics = DiscoveryMetrics(registry)
     app = ops_app(settings, registry)
@@ -34,13 +36,15 @@ async def create_app(settings: Settings) -> web.Application:
         async with contextlib.AsyncExitStack() as stack:
             pool = None
             if settings.database_url:
-                pool = await retry_start("DATABASE_URL", lambda: db.create_pool(settings.database_url, 1, 2))
+                db_tls = tls.database_context(settings)
+                url = settings.database_url
+                pool = await retry_start("DATABASE_URL", lambda: db.create_pool(url, 1, 2, ssl=db_tls))
                 stack.push_async_callback(pool.close)
                 app[POOL] = pool
                 async with pool.acquire() as conn:
                     await db.migrate(conn, "discovery", MIGRATIONS)
-            node_keys = keys or await stored_keys(pool)
-            nc = await retry_start("NATS_URL", lambda: messaging.connect(settings.nats_url, "discovery"))
+            node_keys = keys or await stored_keys(pool, box)
+            nc = await retry_start("NATS_URL", lambda: messaging.connect_service(settings, "discovery"))
             stack.push_async_callback(nc.drain)
             app[NC] = nc
             app[CHECKS]["nats"] = nats_check(nc)  # relays being down is normal life, not unreadiness

@@ -8,6 +8,7 @@ import asyncpg
 from nostr_sdk import Keys, NostrSdkError
 
 from shared.config import ConfigError
+from shared.secretbox import SecretBox, is_sealed
 
 
 def parse_nsec(nsec: str) -> Keys:
@@ -23,15 +24,20 @@ def provider_id(configured: str, keys: Keys) -> str:
     return configured or f"routstr-{keys.public_key().to_hex()[:16]}"
 
 
-async def stored_keys(pool: asyncpg.Pool) -> Keys:
-    """The generated key; the first replica to get here creates it, every other one reads the same row."""
-    candidate = Keys.generate().secret_key().to_hex()
+async def stored_keys(pool: asyncpg.Pool, box: SecretBox) -> Keys:
+    """The generated key, stored sealed by `box`; the first replica to get here creates it, every other
+    one reads the same row. A key stored in the clear by an older version is sealed now."""
+    candidate = box.seal(Keys.generate().secret_key().to_hex())
     async with pool.acquire() as conn:
         await conn.execute(
             "INSERT INTO discovery.node_key (id, secret_hex) VALUES (true, $1) ON CONFLICT (id) DO NOTHING", candidate
         )
-        secret = await conn.fetchval("SELECT secret_hex FROM discovery.node_key WHERE id")
-    return Keys.parse(secret)
+        stored = await conn.fetchval("SELECT secret_hex FROM discovery.node_key WHERE id")
+        if not is_sealed(stored):
+            await conn.execute(
+                "UPDATE discovery.node_key SET secret_hex = $1 WHERE secret_hex = $2", box.seal(stored), stored
+            )
+    return Keys.parse(box.open(stored))
 
 
 class Clock:

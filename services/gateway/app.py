@@ -14,17 +14,19 @@ from services.gateway import balance, catalog, lightning
 from services.gateway.billing_client import BillingClient
 from services.gateway.errors import detail_error, openai_error
 from services.gateway.proxy import MODEL, REQUEST_ID, Proxy
-from services.gateway.ratelimit import RateLimiter, client_address
+from services.gateway.ratelimit import RateLimiter, client_address, credential, networks
 from shared import messaging
 from shared.config import Settings
 from shared.metrics import GatewayMetrics
-from shared.service import CHECKS, NC, SETTINGS, nats_check, ops_app, retry_start
+from shared.service import CHECKS, NC, SETTINGS, nats_check, ops_app, retry_start, serve_metrics
 
 log = logging.getLogger(__name__)
 
 PROXY = web.AppKey("proxy", Proxy)
 LIMITER = web.AppKey("limiter", RateLimiter)
-UNLIMITED = ("/healthz", "/readyz", "/metrics")
+KEY_LIMITER = web.AppKey("key_limiter", RateLimiter)
+PROXIES = web.AppKey("trusted_proxies", tuple)
+UNLIMITED = ("/healthz", "/readyz")
 METRICS = web.AppKey("gateway_metrics", GatewayMetrics)
 
 PAID_PATHS = (
@@ -69,12 +71,9 @@ async def edge(request: web.Request, handler) -> web.StreamResponse:
             "Access-Control-Allow-Headers": request.headers.get("Access-Control-Request-Headers", ALLOW_HEADERS),
             "Access-Control-Max-Age": "600",
         })  # fmt: skip
-    elif (
-        LIMITER in request.app
-        and request.path not in UNLIMITED
-        and (wait := request.app[LIMITER].retry_after(client_address(request)))
-    ):
-        message = f"Rate limited: too many requests from this address; retry in {wait} s"
+    elif request.path not in UNLIMITED and (limited := _rate_limited(request)):
+        wait, who = limited
+        message = f"Rate limited: too many requests from this {who}; retry in {wait} s"
         error = detail_error if _is_balance(request.path) else openai_error
         response = error(429, message, "rate_limited", headers={"Retry-After": str(wait)})
     else:
@@ -87,9 +86,19 @@ async def edge(request: web.Request, handler) -> web.StreamResponse:
             response = openai_error(500, f"Internal error (request {request_id})", "internal_error")
     route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
     metrics = request.app[METRICS]
-    metrics.requests.labels(route, request.get(MODEL, ""), str(response.status)).inc()
+    metrics.requests.labels(route, metrics.model_label(request.get(MODEL, "")), str(response.status)).inc()
     metrics.request_seconds.labels(route).observe(time.monotonic() - started)
     return response
+
+
+def _rate_limited(request: web.Request) -> tuple[int, str] | None:
+    """(seconds to wait, "address" or "key") when the client's address or its credential is over its limit."""
+    app = request.app
+    if LIMITER in app and (wait := app[LIMITER].retry_after(client_address(request, app[PROXIES]))):
+        return wait, "address"
+    if KEY_LIMITER in app and (key := credential(request)) and (wait := app[KEY_LIMITER].retry_after(key)):
+        return wait, "key"
+    return None
 
 
 async def _stamp(request: web.Request, response: web.StreamResponse) -> None:
@@ -119,7 +128,7 @@ def _http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
 async def _resources(app: web.Application) -> None:
     """NATS, the usage stream and one pooled HTTP client for every upstream call; drained on shutdown."""
     settings = app[SETTINGS]
-    nc = await retry_start("NATS_URL", lambda: messaging.connect(settings.nats_url, "gateway"))
+    nc = await retry_start("NATS_URL", lambda: messaging.connect_service(settings, "gateway"))
     await messaging.ensure_usage_stream(nc, settings.usage_stream_replicas)
     app[NC] = nc
     app[CHECKS]["nats"] = nats_check(nc)
@@ -156,10 +165,15 @@ async def _other_v1(request: web.Request) -> web.StreamResponse:
 
 async def create_app(settings: Settings) -> web.Application:
     registry = CollectorRegistry()
-    app = ops_app(settings, registry)
+    app = ops_app(settings, registry, metrics_route=False)  # /metrics on METRICS_PORT, not the public port
     app[METRICS] = GatewayMetrics(registry)
+    app[METRICS].model_label = lambda model: catalog.metric_model(app, model)
+    app.cleanup_ctx.append(lambda app: serve_metrics(app, settings.host, settings.metrics_port))
+    app[PROXIES] = networks(settings.trusted_proxies)
     if settings.rate_limit_per_minute:
         app[LIMITER] = RateLimiter(settings.rate_limit_per_minute)
+    if settings.rate_limit_per_key_per_minute:
+        app[KEY_LIMITER] = RateLimiter(settings.rate_limit_per_key_per_minute)
     app.middlewares.append(edge)
     app.on_response_prepare.append(_stamp)
     catalog.setup(app)

@@ -156,6 +156,16 @@ async def current_catalog(app: web.Application) -> tuple[bus.Catalog, bytes]:
         return cache.catalog, cache.body
 
 
+def metric_model(app: web.Application, model: str) -> str:
+    """A bounded `model` label: a model of the cached catalog (id or upstream id), "" for none, else "unknown"."""
+    if not model:
+        return ""
+    catalog = app[CACHE].catalog
+    if catalog and any(model in (entry.id, entry.upstream_id) for entry in catalog.models):
+        return model
+    return "unknown"
+
+
 def usd_per_msat(app: web.Application) -> float | None:
     """The BTC/USD rate of the last catalog, per msat, for showing a call's cost in USD (display only)."""
     cache = app[CACHE]

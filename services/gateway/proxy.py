@@ -233,7 +233,8 @@ class Proxy:
             failure = self._upstream_failure(exc)
             failure.headers.update(await self.change(call.cred))
             return failure
-        self.metrics.upstream_ttfb_seconds.labels(call.reserved.model).observe(time.monotonic() - started)
+        model = self.metrics.model_label(call.reserved.model)
+        self.metrics.upstream_ttfb_seconds.labels(model).observe(time.monotonic() - started)
         try:
             if upstream.status >= 400:
                 return await self.relay_error(call, upstream)
@@ -242,7 +243,7 @@ class Proxy:
             return await self.whole(call, upstream)
         finally:
             upstream.release()
-            self.metrics.upstream_seconds.labels(call.reserved.model).observe(time.monotonic() - started)
+            self.metrics.upstream_seconds.labels(model).observe(time.monotonic() - started)
 
     async def relay_error(self, call: Call, upstream: aiohttp.ClientResponse) -> web.Response:
         """An upstream error: relayed in the OpenAI shape, charged nothing, change returned."""

@@ -13,14 +13,15 @@ import msgspec
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from services.wallet import storage
+from services.wallet import lnurl, storage
 from services.wallet.ecash import Secrets
 from services.wallet.mints import Mints
 from services.wallet.node_wallet import NodeWallet
-from shared import bus, db, messaging
+from shared import bus, db, messaging, tls
 from shared.config import Settings
 from shared.messaging import BusError
 from shared.metrics import WalletMetrics
+from shared.secretbox import SecretBox
 from shared.service import CHECKS, NC, POOL, REGISTRY, SETTINGS, nats_check, ops_app, pool_check, retry_start
 
 log = logging.getLogger(__name__)
@@ -42,22 +43,25 @@ async def create_app(settings: Settings) -> web.Application:
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
+    box = SecretBox.from_settings(settings)
     metrics = WalletMetrics(app[REGISTRY])
     async with contextlib.AsyncExitStack() as stack:
-        pool = await retry_start("postgres", lambda: db.create_pool(settings.database_url, max_size=20))
+        db_tls = tls.database_context(settings)
+        pool = await retry_start("postgres", lambda: db.create_pool(settings.database_url, max_size=20, ssl=db_tls))
         stack.push_async_callback(pool.close)
         async with pool.acquire() as conn:
             await db.migrate(conn, "wallet", MIGRATIONS)
-            secrets = Secrets(await storage.load_seed(conn))
+            secrets = Secrets(await storage.load_seed(conn, box))
         session = aiohttp.ClientSession()
         stack.push_async_callback(session.close)
         mints = Mints(session, metrics, MINT_CALL_TIMEOUT)
-        wallet = NodeWallet(pool, mints, secrets, settings.cashu_mints, metrics, session)
+        payees = lnurl.LnurlClient(allow_loopback=settings.lnurl_allow_loopback)
+        wallet = NodeWallet(pool, mints, secrets, settings.cashu_mints, metrics, payees, box)
         await wallet.holdings()  # sets the unspent gauges from the start
         sweeper = asyncio.create_task(_sweep(wallet))
         stack.push_async_callback(_cancel, sweeper)
 
-        nc = await retry_start("nats", lambda: messaging.connect(settings.nats_url, "wallet"))
+        nc = await retry_start("nats", lambda: messaging.connect_service(settings, "wallet"))
         stack.push_async_callback(nc.drain)
         responder = messaging.Responder(nc, QUEUE)
         for subject, handler in _handlers(wallet).items():

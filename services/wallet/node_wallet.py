@@ -18,7 +18,6 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 
-import aiohttp
 import asyncpg
 
 from services.wallet import ecash, lnurl, storage
@@ -35,6 +34,7 @@ from services.wallet.mints import (
 from shared import bus
 from shared.messaging import BusError
 from shared.metrics import WalletMetrics
+from shared.secretbox import SecretBox
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +81,12 @@ class NodeWallet:
         secrets: ecash.Secrets,
         accepted: Sequence[str],
         metrics: WalletMetrics,
-        http: aiohttp.ClientSession,
+        payees: lnurl.LnurlClient,
+        box: SecretBox,
     ):
+        self._box = box  # issued tokens are stored sealed
         self._pool = pool
-        self._http = http
+        self._payees = payees
         self._mints = mints
         self._secrets = secrets
         self._accepted = tuple(m.rstrip("/") for m in accepted)
@@ -220,7 +222,7 @@ class NodeWallet:
         async with self._exclusive(storage.issue_op(key)) as conn:
             row = await storage.get_issue(conn, key)
             if row is not None and row["state"] == "done":
-                return _issued(row, already=True)
+                return _issued(row, True, self._box)
             if row is not None:
                 return await self._resume_issue(conn, row)
             balances = await storage.balances(conn)
@@ -257,11 +259,11 @@ class NodeWallet:
             if exact is not None:
                 await storage.set_state(conn, [p.secret for p in exact], "spent", op)
                 row = await storage.record_issue(
-                    conn, key, client.url, sats, 0, token=ecash.encode_token(client.url, exact)
+                    conn, key, client.url, sats, 0, token=self._box.seal(ecash.encode_token(client.url, exact))
                 )
                 await self._update_gauges(conn)
                 log.info("issued %d sat at %s from stored proofs", sats, client.url)
-                return _issued(row, already=False)
+                return _issued(row, False, self._box)
             if keysets is None or target is None:
                 raise MintUnavailable(client.url, "keysets not readable", sent=False)
             inputs = ecash.choose_inputs(proofs, sats, keysets)
@@ -364,7 +366,7 @@ class NodeWallet:
             await storage.set_state(conn, [p.secret for p in inputs], "spent", op)
             await storage.store_proofs(conn, client.url, proofs[n_send:], op)
             await storage.store_proofs(conn, client.url, proofs[:n_send], op, state="spent")
-            await storage.finish_issue(conn, row["idempotency_key"], token)
+            await storage.finish_issue(conn, row["idempotency_key"], self._box.seal(token))
             await self._update_gauges(conn)
         log.info("issued %d sat (fee %d) at %s after a swap", row["amount_sat"], row["fee_sat"], client.url)
         return bus.Issued(token, row["amount_sat"] * 1000, client.url, row["fee_sat"] * 1000, already=False)
@@ -399,6 +401,10 @@ class NodeWallet:
             return await self._run_payout(conn, row, fresh)
 
     async def _plan_payout(self, conn: asyncpg.Connection, key: str, sats: int, address: str) -> asyncpg.Record:
+        try:
+            await self._payees.check_address(address)  # a refused host is the caller's 400, whatever we hold
+        except lnurl.LnurlError as exc:
+            raise _fail("invalid_address", str(exc), 400) from None
         balances = await storage.balances(conn)
         mint = next((m for m, held in balances.items() if held > sats), None)
         if mint is None:
@@ -407,7 +413,7 @@ class NodeWallet:
         try:
             keysets = await client.keysets()
             target = await client.active_keyset()
-            invoice = await lnurl.fetch_invoice(self._http, address, sats * 1000)
+            invoice = await self._payees.fetch_invoice(address, sats * 1000)
             quote = await client.melt_quote(invoice)
         except lnurl.LnurlError as exc:
             if exc.bad_address:
@@ -682,8 +688,9 @@ def _redeemed(row: asyncpg.Record, already: bool) -> bus.Redeemed:
     return bus.Redeemed(row["token_hash"], row["mint_url"], amount, fee, amount - fee, already=already)
 
 
-def _issued(row: asyncpg.Record, already: bool) -> bus.Issued:
-    return bus.Issued(row["token"], row["amount_sat"] * 1000, row["mint_url"], row["fee_sat"] * 1000, already=already)
+def _issued(row: asyncpg.Record, already: bool, box: SecretBox) -> bus.Issued:
+    token = box.open(row["token"])
+    return bus.Issued(token, row["amount_sat"] * 1000, row["mint_url"], row["fee_sat"] * 1000, already=already)
 
 
 def _whole_sats(amount_msat: int, key: str) -> int:

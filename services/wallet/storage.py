@@ -8,12 +8,18 @@ from collections.abc import Sequence
 import asyncpg
 
 from services.wallet.ecash import Proof, new_mnemonic
+from shared.secretbox import SecretBox, is_sealed
 
 
-async def load_seed(conn: asyncpg.Connection) -> str:
-    """The node's mnemonic, made once: replicas starting together agree on the first one written."""
-    await conn.execute("INSERT INTO wallet.seed (mnemonic) VALUES ($1) ON CONFLICT DO NOTHING", new_mnemonic())
-    return await conn.fetchval("SELECT mnemonic FROM wallet.seed")
+async def load_seed(conn: asyncpg.Connection, box: SecretBox) -> str:
+    """The node's mnemonic, made once (stored sealed by `box`): replicas starting together agree on the
+    first one written. A mnemonic stored in the clear by an older version is sealed now."""
+    sealed = box.seal(new_mnemonic())
+    await conn.execute("INSERT INTO wallet.seed (mnemonic) VALUES ($1) ON CONFLICT DO NOTHING", sealed)
+    stored = await conn.fetchval("SELECT mnemonic FROM wallet.seed")
+    if not is_sealed(stored):
+        await conn.execute("UPDATE wallet.seed SET mnemonic = $1 WHERE mnemonic = $2", box.seal(stored), stored)
+    return box.open(stored)
 
 
 async def lock(conn: asyncpg.Connection, name: str) -> None:

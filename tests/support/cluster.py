@@ -18,9 +18,11 @@ from pathlib import Path
 import aiohttp
 
 from devstack.processes import free_port
+from tests.support import natsauth
 
 ROOT = Path(__file__).resolve().parents[2]
 PORT_VARS = {"gateway": "PORT", "billing": "BILLING_PORT", "wallet": "WALLET_PORT", "discovery": "DISCOVERY_PORT"}
+METRICS_PORT = "METRICS_PORT"  # the gateway's /metrics, apart from its public port
 
 
 @dataclass
@@ -32,6 +34,7 @@ class Proc:
     url: str
     process: subprocess.Popen
     log_path: Path
+    metrics_url: str = ""
 
     def terminate(self) -> None:
         """SIGTERM, as Kubernetes sends on a rolling update."""
@@ -59,13 +62,17 @@ class Cluster:
 
     def spawn(self, service: str, name: str | None = None, **overrides: str) -> Proc:
         name = name or service
-        env = {**os.environ, **self.env, **{var: str(free_port()) for var in PORT_VARS.values()}, **overrides}
+        ports = {var: str(free_port()) for var in (*PORT_VARS.values(), METRICS_PORT)}
+        env = {**os.environ, **self.env, **ports, **overrides}
+        env = natsauth.service_env(env, service)
         log_path = self.workdir / f"{name}.log"
         process = subprocess.Popen(
             [sys.executable, "-m", f"services.{service}"], cwd=ROOT, env=env,
             stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
         )  # fmt: skip
-        proc = Proc(name, service, f"http://127.0.0.1:{env[PORT_VARS[service]]}", process, log_path)
+        url = f"http://127.0.0.1:{env[PORT_VARS[service]]}"
+        metrics = f"http://127.0.0.1:{env[METRICS_PORT]}" if service == "gateway" else url
+        proc = Proc(name, service, url, process, log_path, metrics)
         self.procs.append(proc)
         return proc
 
