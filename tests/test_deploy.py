@@ -26,6 +26,8 @@ from prometheus_client import CollectorRegistry
 from devstack import processes
 from shared import metrics
 from shared.config import SETTINGS_DOC
+from tests.conftest import SECRETS_KEY
+from tests.support import natsauth
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -185,7 +187,10 @@ def test_deployments_are_hardened_and_probed(rendered):
         assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
         assert container["lifecycle"]["preStop"]["sleep"]["seconds"] > 0
         port = int(SETTINGS_DOC[SERVICES[service]][0])
-        assert container["ports"] == [{"name": "http", "containerPort": port, "protocol": "TCP"}]
+        ports = [{"name": "http", "containerPort": port, "protocol": "TCP"}]
+        if service == "gateway":  # /metrics apart from the public port
+            ports.append({"name": "metrics", "containerPort": int(SETTINGS_DOC["METRICS_PORT"][0]), "protocol": "TCP"})
+        assert container["ports"] == ports
         mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
         volumes = {v["name"]: v for v in pod["volumes"]}
         assert "emptyDir" in volumes[mounts["/tmp"]]
@@ -223,6 +228,8 @@ def test_secrets_reach_pods_only_from_secrets(rendered):
         assert "node-routstr-node" not in secrets
         gateway = deployments(objects)["gateway"]["spec"]["template"]["spec"]["containers"][0]
         refs = {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in gateway["env"] if e["name"] in SECRETS}
+        nats = VARIANTS[name].get("natsAuth", {}).get("existingSecret")
+        assert refs.pop("NATS_PASSWORD", nats) == nats  # each service's own NATS password, from its Secret
         assert set(refs.values()) == {VARIANTS[name]["existingSecret"]}
     else:
         assert set(secrets["node-routstr-node"]["stringData"]) == SECRETS
@@ -289,6 +296,7 @@ def test_network_policies_let_only_the_gateway_take_traffic(rendered):
         assert spec["egress"] == [{}], "egress stays open to NATS, Postgres, upstreams, mints and relays"
         if service == "gateway":
             assert [p["port"] for p in spec["ingress"][0]["ports"]] == ["http"]
+            assert all(rule["from"] for rule in spec["ingress"][1:]), "the metrics port is for Prometheus only"
         elif service == "migrate" or not spec["ingress"]:
             assert spec["ingress"] == []
         else:
@@ -324,13 +332,14 @@ def test_prometheus_scraping(rendered):
         annotations = deployment["spec"]["template"]["metadata"]["annotations"]
         if VARIANTS[name].get("metrics", {}).get("podAnnotations", True):
             assert annotations["prometheus.io/scrape"] == "true"
-            assert annotations["prometheus.io/port"] == SETTINGS_DOC[SERVICES[service]][0]
+            port = SETTINGS_DOC["METRICS_PORT" if service == "gateway" else SERVICES[service]][0]
+            assert annotations["prometheus.io/port"] == port
             assert annotations["prometheus.io/path"] == "/metrics"
         else:
             assert "prometheus.io/scrape" not in annotations
     for monitor in by_kind(objects, "ServiceMonitor").values():
         assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
-        assert monitor["spec"]["endpoints"][0]["port"] == "http"
+        assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
         assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
         labels = monitor["spec"]["selector"]["matchLabels"]
         for service in by_kind(objects, "Service").values():
@@ -592,22 +601,25 @@ async def test_services_run_as_the_pods_run_them(database, nats_server, mint, up
         "config": {
             **{key: str(port) for key, port in ports.items()},
             "HOST": "127.0.0.1",
-            "NATS_URL": nats_server.url,
+            "METRICS_PORT": str(processes.free_port()),
+            "NATS_URL": natsauth.plain_url(nats_server.url),  # each service as its own NATS user
             "CASHU_MINTS": mint.url,
             "UPSTREAM_BASE_URL": upstream,
             "RELAYS": f"ws://127.0.0.1:{processes.free_port()}",  # nothing listens: no traffic leaves the host
         },
-        "secrets": {"DATABASE_URL": database, "UPSTREAM_API_KEY": "upstream-key"},
+        "secrets": {"DATABASE_URL": database, "UPSTREAM_API_KEY": "upstream-key", "SECRETS_KEY": SECRETS_KEY},
+        "natsAuth": {"passwords": nats_server.extra},
     }
     objects = render(values)
     config = by_kind(objects, "ConfigMap")["node-routstr-node"]["data"]
-    secret = by_kind(objects, "Secret")["node-routstr-node"]["stringData"]
+    secrets = {name: obj["stringData"] for name, obj in by_kind(objects, "Secret").items()}
     started = {}
     try:
         for service, deployment in deployments(objects).items():
             [container] = deployment["spec"]["template"]["spec"]["containers"]
             env = {"PATH": str(Path(sys.executable).parent), "HOME": str(tmp_path), **config}
-            env |= {e["name"]: secret[e["valueFrom"]["secretKeyRef"]["key"]] for e in container["env"]}
+            refs = [(e["name"], e["valueFrom"]["secretKeyRef"]) for e in container["env"]]
+            env |= {name: secrets[ref["name"]][ref["key"]] for name, ref in refs if ref["key"] in secrets[ref["name"]]}
             log = (tmp_path / f"{service}.log").open("wb")
             started[service] = (
                 await asyncio.create_subprocess_exec(

@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
+from pathlib import Path
 
 import asyncpg
 import nats
 import pytest
+import yaml
 from aiohttp import web
 from cryptography.fernet import Fernet
 from nostr_sdk import Keys
@@ -34,6 +36,7 @@ PRICES = {"FIXED_PRICING": "true", "FIXED_COST_PER_REQUEST": "1", "FIXED_PER_1K_
           "FIXED_PER_1K_OUTPUT_TOKENS": "1"}  # fmt: skip
 HELLO = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
 PG_DUMP = "/usr/lib/postgresql/15/bin/pg_dump"
+ROOT = Path(__file__).resolve().parents[1]
 
 # ---- the bus: who may say what ----------------------------------------------------------------
 
@@ -400,3 +403,14 @@ async def test_gateway_metrics_are_off_the_public_port_and_model_labels_are_boun
         text = await response.text()
     assert invented not in text
     assert re.search(r'routstr_http_requests_total\{[^}]*model="unknown"[^}]*status="200"', text), text
+
+
+def test_the_example_nats_deployment_carries_the_bus_permission_table():
+    values = yaml.safe_load((ROOT / "deploy" / "examples" / "nats-values.yaml").read_text())
+    users = {u["user"]: u for u in values["config"]["merge"]["authorization"]["users"]}
+    assert set(users) == set(bus.ROLES)
+    for role, user in users.items():
+        assert user["permissions"] == bus.nats_permissions(role), f"regenerate {role}'s permissions"
+        variable = f"NATS_{role.upper()}_PASSWORD"
+        assert user["password"] == f"<< ${variable} >>"
+        assert values["container"]["env"][variable]["valueFrom"]["secretKeyRef"]["key"] == role

@@ -51,6 +51,15 @@ app.kubernetes.io/part-of: routstr-node
 {{- end -}}
 {{- end -}}
 
+{{/* The Secret holding each service's NATS password (key = service name), or "" when there is none. */}}
+{{- define "routstr-node.natsSecretName" -}}
+{{- if .Values.natsAuth.existingSecret -}}
+{{- .Values.natsAuth.existingSecret -}}
+{{- else if .Values.natsAuth.passwords -}}
+{{- printf "%s-nats" (include "routstr-node.fullname" .) -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "routstr-node.secretName" -}}
 {{- default (include "routstr-node.fullname" .) .Values.existingSecret -}}
 {{- end -}}
