@@ -147,6 +147,9 @@ def main() -> int:
             _wait_ready(f"http://127.0.0.1:{port}/readyz", children)  # "up" means every service answers
         print(f"\nRoutstr node is up. Gateway: {gateway}  (logs in {RUN_DIR}/; Ctrl-C stops everything)")
         print(f"  mints: {env['CASHU_MINTS']}\n  upstream: {env['UPSTREAM_BASE_URL']}")
+        if passwords:
+            print(f"  operator commands (create-key, reconcile): NATS_USER=operator NATS_URL={env['NATS_URL']}"
+                  f" NATS_PASSWORD=<'operator' in {RUN_DIR}/nats/credentials.json>")  # fmt: skip
         if not settings.cashu_mints:
             print("  a dev token: .venv/bin/python -m devstack.token 100\n", flush=True)
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))

@@ -162,7 +162,7 @@ async def test_prometheus_scrapes_the_node_and_every_dashboard_and_alert_query_w
     billing, wallet, discovery, gateway = await cluster.start_all(
         ("billing", "billing"), ("wallet", "wallet"), ("discovery", "discovery"), ("gateway", "gateway")
     )
-    targets = [proc.url.removeprefix("http://") for proc in (billing, wallet, discovery, gateway)]
+    targets = [proc.metrics_url.removeprefix("http://") for proc in (billing, wallet, discovery, gateway)]
     prom_process, prometheus = spawn_prometheus(targets, tmp_path / "prometheus")
     try:
         await wait_prometheus(http, prom_process, prometheus)

@@ -4,8 +4,10 @@ Lightning-address calls out, and trusted-proxy-only client addresses and per-key
 from __future__ import annotations
 
 import asyncio
+import datetime
 import hashlib
 import re
+import ssl
 from pathlib import Path
 
 import asyncpg
@@ -13,7 +15,11 @@ import nats
 import pytest
 import yaml
 from aiohttp import web
+from cryptography import x509
 from cryptography.fernet import Fernet
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from nostr_sdk import Keys
 
 from devstack import processes
@@ -22,8 +28,8 @@ from services.discovery.identity import stored_keys
 from services.wallet import storage
 from services.wallet.app import MIGRATIONS as WALLET_MIGRATIONS
 from services.wallet.lnurl import LnurlClient, LnurlError, public_address
-from shared import bus, db, messaging
-from shared.config import ConfigError
+from shared import bus, db, messaging, tls
+from shared.config import ConfigError, load_settings
 from shared.secretbox import SecretBox, is_sealed, rotate
 from tests.conftest import SECRETS_KEY, node_env
 from tests.support import natsauth
@@ -270,6 +276,40 @@ async def test_lnurl_address_check_passes_public_hosts_and_refuses_mixed_or_empt
     assert await LnurlClient(allow_loopback=True, resolve=resolve).check_host("localhost", 80) == ["127.0.0.1"]
 
 
+async def test_lnurl_fetches_only_the_checked_addresses_and_checks_the_invoice(mint, http):
+    """A named host (resolved by a stub to loopback, allowed for development) is called at exactly the
+    addresses checked, its callback on the same host; an invoice of another amount is refused."""
+    invoices: list[int] = []
+
+    async def params(request: web.Request) -> web.Response:
+        return web.json_response({"tag": "payRequest", "callback": f"http://lnurl.test:{port}/cb",
+                                  "minSendable": 1000, "maxSendable": 10**9, "metadata": "[]"})  # fmt: skip
+
+    async def callback(request: web.Request) -> web.Response:
+        sats = int(request.query["amount"]) // 1000 + (1 if invoices else 0)  # the second one overcharges
+        invoices.append(sats)
+        async with http.post(f"{mint.url}/v1/mint/quote/bolt11", json={"amount": sats, "unit": "sat"}) as resp:
+            return web.json_response({"pr": (await resp.json())["request"], "routes": []})
+
+    app = web.Application()
+    app.router.add_get("/.well-known/lnurlp/alice", params)
+    app.router.add_get("/cb", callback)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = processes.free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    resolve, asked = stub_resolver("127.0.0.1")
+    client = LnurlClient(allow_loopback=True, resolve=resolve)
+    try:
+        invoice = await client.fetch_invoice(f"alice@lnurl.test:{port}", 7000)
+        assert invoice.startswith("ln") and asked == ["lnurl.test"]
+        with pytest.raises(LnurlError, match="8000 msat instead of 7000") as refused:
+            await client.fetch_invoice(f"alice@lnurl.test:{port}", 7000)
+        assert not refused.value.bad_address and invoices == [7, 8]
+    finally:
+        await runner.cleanup()
+
+
 class Listener:
     """A TCP listener on a loopback address that counts connections (none must arrive)."""
 
@@ -414,3 +454,25 @@ def test_the_example_nats_deployment_carries_the_bus_permission_table():
         variable = f"NATS_{role.upper()}_PASSWORD"
         assert user["password"] == f"<< ${variable} >>"
         assert values["container"]["env"][variable]["valueFrom"]["secretKeyRef"]["key"] == role
+
+
+def test_tls_to_nats_and_postgres_is_configured_by_settings(tmp_path):
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "routstr test CA")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True).sign(key, hashes.SHA256())
+    )  # fmt: skip
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    plain = load_settings({"NATS_URL": "nats://127.0.0.1:4222"}, dotenv=None)
+    assert tls.nats_context(plain) is None and tls.database_context(plain) is None
+    configured = load_settings({"NATS_URL": "nats://127.0.0.1:4222", "NATS_CA_FILE": str(ca),
+                                "DATABASE_CA_FILE": str(ca)}, dotenv=None)  # fmt: skip
+    for context in (tls.nats_context(configured), tls.database_context(configured)):
+        assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+        assert [c["subject"] for c in context.get_ca_certs()] == [((("commonName", "routstr test CA"),),)]
+    with pytest.raises(ConfigError, match="NATS_CA_FILE"):
+        load_settings({"NATS_CA_FILE": str(tmp_path / "missing.pem")}, dotenv=None)

@@ -21,6 +21,7 @@ from services.wallet import ecash
 from services.wallet.app import WALLET
 from shared import bus, messaging
 from shared.messaging import BusError
+from shared.secretbox import SecretBox
 
 
 @pytest_asyncio.fixture
@@ -296,7 +297,7 @@ async def test_proofs_can_be_restored_from_the_seed_by_any_cashu_wallet(make_nod
     await issue(nc, 3000, "some-change")
     conn = await asyncpg.connect(node.settings.database_url)
     try:
-        mnemonic = await conn.fetchval("SELECT mnemonic FROM wallet.seed")
+        mnemonic = SecretBox(node.settings.secrets_key).open(await conn.fetchval("SELECT mnemonic FROM wallet.seed"))
     finally:
         await conn.close()
     from cashu.wallet.wallet import Wallet
