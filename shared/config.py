@@ -102,7 +102,7 @@ SETTINGS_DOC: dict[str, tuple[str, str, bool]] = {
     "DATABASE_URL": ("", "Postgres URL; `make run` starts its own Postgres when empty", True),
     "NATS_URL": ("", "NATS URL (JetStream enabled); `make run` starts its own NATS when empty", False),
     "PORT": ("8000", "Gateway listen port", False),
-    "HOST": ("0.0.0.0", "Listen address of every service", False),
+    "HOST": ("0.0.0.0", "Listen address of every service (`make run`: 127.0.0.1 unless set)", False),
     "BILLING_PORT": ("8001", "Billing health/metrics port", False),
     "WALLET_PORT": ("8002", "Wallet health/metrics port", False),
     "DISCOVERY_PORT": ("8003", "Discovery health/metrics port", False),
