@@ -27,15 +27,14 @@ def _post(url: str, body: dict, headers: dict) -> tuple[int, dict, dict]:
         return response.status, dict(response.headers), json.loads(response.read())
 
 
-def test_make_run_brings_up_a_working_node_and_stops_everything(tmp_path: Path, nats_server):
+def test_make_run_brings_up_a_working_node_and_stops_everything(tmp_path: Path):
     port = free_port()
     unset = {"NATS_URL", "DATABASE_URL", "CASHU_MINTS", "UPSTREAM_BASE_URL"}
     env = {k: v for k, v in os.environ.items() if k not in unset}
     env.update(PORT=str(port), BILLING_PORT=str(free_port()), WALLET_PORT=str(free_port()),
                DISCOVERY_PORT=str(free_port()), METRICS_PORT=str(free_port()), RELAYS="",
                PYTHONPATH=str(REPO))  # fmt: skip
-    # External NATS (the test's) and embedded Postgres: both modes in one run.
-    env["NATS_URL"] = nats_server.url
+    # Its own NATS (a user per service) and Postgres (a password), loopback only.
     node = subprocess.Popen([sys.executable, "-m", "devstack"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
     output = ""
@@ -46,7 +45,7 @@ def test_make_run_brings_up_a_working_node_and_stops_everything(tmp_path: Path, 
             assert line or node.poll() is None, output
             output += line
             assert time.monotonic() < deadline, output
-        assert "DEVELOPMENT MODE" in output and "started NATS" not in output and "started Postgres" in output
+        assert "DEVELOPMENT MODE" in output and "started NATS" in output and "started Postgres" in output
         # Its Postgres wants the password kept under .run/ (SCRAM); without it the door stays shut.
         postgres = re.search(r"started Postgres at (postgresql://\S+)", output).group(1)
         assert ":" not in postgres.split("//", 1)[1].split("@", 1)[0]  # the password is not printed
@@ -62,6 +61,16 @@ def test_make_run_brings_up_a_working_node_and_stops_everything(tmp_path: Path, 
         )
         assert status == 200 and body["choices"][0]["message"]["content"]
         assert headers["X-Cashu"].startswith("cashu")
+        # Operator commands need the operator's NATS credentials, kept under .run/; without them, no key.
+        nats_url = re.search(r"started NATS \(JetStream, a user per service\) at (nats://\S+);", output).group(1)
+        passwords = json.loads((tmp_path / ".run" / "nats" / "credentials.json").read_text())
+        create = [sys.executable, "-m", "services.billing", "create-key", "--msat", "1000"]
+        operator = {**env, "NATS_URL": nats_url, "NATS_USER": "operator", "NATS_PASSWORD": passwords["operator"]}
+        made = subprocess.run(create, cwd=tmp_path, env=operator, capture_output=True, text=True, timeout=60)
+        assert made.returncode == 0 and made.stdout.startswith("sk-"), made.stderr
+        as_gateway = {**operator, "NATS_USER": "gateway", "NATS_PASSWORD": passwords["gateway"]}
+        refused = subprocess.run(create, cwd=tmp_path, env=as_gateway, capture_output=True, text=True, timeout=60)
+        assert refused.returncode != 0 and "sk-" not in refused.stdout
     finally:
         node.send_signal(signal.SIGINT)
         rest, _ = node.communicate(timeout=60)
