@@ -310,6 +310,35 @@ async def test_lnurl_fetches_only_the_checked_addresses_and_checks_the_invoice(m
         await runner.cleanup()
 
 
+async def test_lnurl_follows_no_redirect_and_reads_no_oversized_answer():
+    listener = Listener()
+    elsewhere = await listener.listen("127.0.0.2")
+
+    async def redirect(request: web.Request) -> web.Response:
+        raise web.HTTPFound(f"http://127.0.0.2:{elsewhere}/.well-known/lnurlp/alice")
+
+    async def huge(request: web.Request) -> web.Response:
+        return web.json_response({"tag": "payRequest", "padding": "x" * (70 * 1024)})
+
+    app = web.Application()
+    app.router.add_get("/.well-known/lnurlp/alice", redirect)
+    app.router.add_get("/.well-known/lnurlp/bob", huge)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = processes.free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    client = LnurlClient(allow_loopback=True)
+    try:
+        with pytest.raises(LnurlError, match="answered 302"):
+            await client.fetch_invoice(f"alice@127.0.0.1:{port}", 1000)
+        with pytest.raises(LnurlError, match="larger than 65536 bytes"):
+            await client.fetch_invoice(f"bob@127.0.0.1:{port}", 1000)
+        assert listener.connections == 0
+    finally:
+        listener.close()
+        await runner.cleanup()
+
+
 class Listener:
     """A TCP listener on a loopback address that counts connections (none must arrive)."""
 
