@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import datetime
 import hashlib
+import os
 import re
 import ssl
+import sys
 from pathlib import Path
 
 import asyncpg
@@ -155,6 +157,17 @@ async def test_the_gateways_credentials_cannot_cut_ecash_create_keys_or_read_bil
 # ---- secrets at rest ----------------------------------------------------------------------------
 
 
+async def rotate_command(database: str, keys: str) -> str:
+    """`python -m shared.secretbox rotate` as an operator runs it; its first line, minus the key note."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "shared.secretbox", "rotate", cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT, env={**os.environ, "DATABASE_URL": database, "SECRETS_KEY": keys},
+    )  # fmt: skip
+    output = (await asyncio.wait_for(process.communicate(), 60))[0].decode()
+    assert process.returncode == 0, output
+    return output.split(" with the first", 1)[0].strip()
+
+
 async def test_secrets_key_rotation_and_sealing_of_old_plaintext(database):
     key_a, key_b = SECRETS_KEY, Fernet.generate_key().decode()
     pool = await db.create_pool(database, 1, 2)
@@ -167,9 +180,10 @@ async def test_secrets_key_rotation_and_sealing_of_old_plaintext(database):
         async with pool.acquire() as conn:
             stored = await conn.fetchval("SELECT mnemonic FROM wallet.seed")
             assert is_sealed(stored) and mnemonic.split()[0] not in stored
-            # Rotation: the new key first, both known; then the old one can go.
-            assert await rotate(conn, SecretBox((key_b, key_a))) == 2
+            # Rotation as documented: the new key first, both known, `rotate`; then the old one can go.
+            assert await rotate_command(database, f"{key_b},{key_a}") == "re-encrypted 2 stored secret(s)"
             assert await storage.load_seed(conn, SecretBox((key_b,))) == mnemonic
+            assert await rotate(conn, SecretBox((key_b,))) == 2  # the function behind it, idempotent
             with pytest.raises(ConfigError, match="SECRETS_KEY"):
                 await storage.load_seed(conn, SecretBox((key_a,)))
             # A seed stored in the clear by an older version is sealed at the next start.
