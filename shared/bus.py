@@ -113,6 +113,10 @@ class Usage(msgspec.Struct, tag="usage", frozen=True):
     status: int = 200
     ts: float = 0.0
     price: Price | None = None  # the reservation's price, echoed so billing settles in one round trip
+    # The price of the provider that answered when it is not the reservation's (failover to another route);
+    # billing charges it when it is one of the model's route prices.
+    route_price: Price | None = None
+    provider: str = ""  # the slug of the provider that answered ("" when none did)
 
 
 class Settled(msgspec.Struct, tag="settled", frozen=True):

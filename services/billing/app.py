@@ -31,7 +31,7 @@ PROVIDERS = web.AppKey("providers", ProviderStore)
 SUBJECTS = (
     bus.BILLING_RESERVE, bus.BILLING_SETTLE, bus.BILLING_DEPOSIT, bus.BILLING_KEY_INFO, bus.BILLING_CREATE_KEY,
     bus.BILLING_REFUND, bus.BILLING_MODELS, bus.BILLING_RECONCILE, bus.BILLING_INVOICE_CREATE,
-    bus.BILLING_INVOICE_STATUS,
+    bus.BILLING_INVOICE_STATUS, bus.BILLING_UPSTREAMS,
 )  # fmt: skip
 CATALOG_REFRESH = 600.0  # seconds between upstream model list / rate refreshes
 SWEEP_EVERY = 5.0
@@ -97,7 +97,7 @@ async def _resources(app: web.Application):
     app[CHECKS].update(nats=nats_check(nc), postgres=pool_check(pool))
     session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
     ledger = Ledger(pool)
-    catalog = Catalog(settings, pool, session)
+    catalog = Catalog(settings, pool, session, providers, os.environ)
     accounts = Accounts(ledger, catalog, nc, metrics, settings.default_max_tokens)
     app[ACCOUNTS] = accounts
     await catalog.refresh()
@@ -109,6 +109,14 @@ async def _resources(app: web.Application):
     async def refresh_catalog() -> None:
         if await catalog.refresh():
             await nc.publish(bus.EVENT_CATALOG_CHANGED, catalog.current.revision.encode())
+
+    async def providers_changed(msg) -> None:
+        try:
+            await refresh_catalog()
+        except Exception:
+            log.exception("catalog not rebuilt after a provider change")
+
+    await nc.subscribe(bus.EVENT_PROVIDERS_CHANGED, cb=providers_changed)
 
     async def sweep() -> None:
         expired = await ledger.expire(settings.reservation_ttl)
