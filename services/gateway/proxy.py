@@ -64,6 +64,7 @@ class Call:
     streamed_chars: int = 0
     usage: tuple[int, int, int, int] | None = None
     route: bus.Route | None = None  # the route that answered, once one did
+    provider_type: str = ""  # the answering provider's type: how its usage is read
 
     def usage_event(self, source: str, status: int) -> bus.Usage:
         if source == "reported" and self.usage:
@@ -289,7 +290,7 @@ class Proxy:
                 self.router.failed(upstream, "http_429" if response.status == 429 else "http_5xx")
             else:
                 self.router.answered(upstream, time.monotonic() - started)
-            call.route, call.started = route, started
+            call.route, call.started, call.provider_type = route, started, upstream.provider_type
             self.metrics.upstream_ttfb_seconds.labels(call.reserved.model).observe(time.monotonic() - started)
             return response
         call.body["model"] = payload_model
@@ -326,7 +327,7 @@ class Proxy:
         except msgspec.DecodeError:
             await self.finish(call, "estimated", upstream.status)
             return web.Response(status=upstream.status, body=data, content_type=upstream.content_type)
-        call.usage = usage_from(body)
+        call.usage = metered_usage(body, call.provider_type)
         if call.usage is None:
             call.streamed_chars = len(data)
         settled = await self.finish(call, "reported" if call.usage else "estimated", upstream.status)
@@ -364,7 +365,9 @@ class Proxy:
                             done = True
                             continue
                         parsed = _parse(data) if data else None
-                        if parsed is not None and parsed.get("type") == "response.completed":
+                        if parsed is not None and parsed.get("type") in ("message_start", "message_delta"):
+                            call.usage = anthropic_stream_usage(parsed, call.usage)  # Anthropic's Messages API
+                        elif parsed is not None and parsed.get("type") == "response.completed":
                             call.usage = usage_from(parsed.get("response") or {})  # the Responses API
                         elif parsed is not None and parsed.get("usage"):
                             call.usage = usage_from(parsed)
@@ -445,6 +448,32 @@ class Proxy:
         """On shutdown: let settlements and change that are under way finish."""
         if self.background:
             await asyncio.wait(self.background, timeout=10)
+
+
+def metered_usage(body: dict, provider_type: str) -> tuple[int, int, int, int] | None:
+    """(prompt, completion, cache_read, cache_write) tokens by the provider's semantics: Anthropic's
+    `input_tokens` excludes cache reads, so they are added back (pricing.cost charges prompt - cache_read
+    at the prompt price); every other type reports OpenAI's `usage`."""
+    usage = usage_from(body)
+    if provider_type == "anthropic" and usage is not None and isinstance(body.get("usage"), dict):
+        prompt, completion, cache_read, cache_write = usage
+        return prompt + cache_read, completion, cache_read, cache_write
+    return usage
+
+
+def anthropic_stream_usage(event: dict, usage: tuple[int, int, int, int] | None) -> tuple[int, int, int, int] | None:
+    """Anthropic's streamed usage: `message_start` carries the input counts, `message_delta` the output so far."""
+    if event.get("type") == "message_start":
+        message = event.get("message")
+        return metered_usage(message, "anthropic") if isinstance(message, dict) else usage
+    reported = event.get("usage")
+    if not isinstance(reported, dict):
+        return usage
+    prompt, _, cache_read, cache_write = usage or (0, 0, 0, 0)
+    try:
+        return prompt, int(reported.get("output_tokens") or 0), cache_read, cache_write
+    except (TypeError, ValueError):
+        return usage
 
 
 def _sse_data(event: bytes) -> bytes | None:
