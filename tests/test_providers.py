@@ -228,6 +228,10 @@ async def test_models_are_the_union_priced_out_of_the_box(node, http, stubs):
     content = json.loads(announcement.build(settings, "d", "1", catalog).content)
     assert {m["id"] for m in content["models"]} == {m.id for m in catalog.models if m.enabled}
     assert "my-finetune-xyz" not in {m["id"] for m in content["models"]}
+    async with http.get(f"{node.url}/v1/info") as response:
+        info = await response.json()
+    assert set(info["models"]) == {m.id for m in catalog.models if m.enabled}
+    assert info["models"]["gpt-4o-mini"] == models["gpt-4o-mini"]["sats_pricing"]
 
     key = await funded_key(node.settings.nats_url, 10_000_000)
     status, body, headers = await chat(http, node, key, "gpt-4o-mini", "hi [[tokens:30]]")

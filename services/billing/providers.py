@@ -351,7 +351,8 @@ class ProviderStore:
             )
             for provider, overrides in providers:
                 stored = await self.upsert(provider, conn)
-                await conn.execute("DELETE FROM billing.provider_models WHERE provider_id = $1", stored.id)
+                if source == "file":  # the file owns its overrides; the shorthand's are the admin API's
+                    await conn.execute("DELETE FROM billing.provider_models WHERE provider_id = $1", stored.id)
                 for model in overrides:
                     await self.upsert_model(stored.id, model, conn)
 
