@@ -364,3 +364,21 @@ def test_price_data_is_genai_prices_own():
     }  # fmt: skip
     assert price_db.lookup("openai/gpt-4o-mini-2024-07-18") == price_db.lookup("gpt-4o-mini", "openai")
     assert price_db.lookup("my-finetune-xyz", "openai") is None
+
+
+async def test_readme_real_node_recipe_sells_openai_models(nats_server, database, mint, stubs, http):
+    """UPSTREAM_BASE_URL + UPSTREAM_API_KEY against a server answering like OpenAI (no prices in /models)."""
+    env = node_env(nats_server.url, database, f"{stubs['c'].url}/v1", mint.url, UPSTREAM_API_KEY="key-c")
+    started = await start_node(env, ("billing", "gateway"))
+    try:
+        models = await listed(http, started)
+        assert set(models) == {"gpt-4o-mini"}  # my-finetune-xyz has no price anywhere: not sold
+        assert models["gpt-4o-mini"]["sats_pricing"]["prompt"] == pricing.sats_per_token(PRICE_MINI.prompt_msat_per_m)
+        key = await funded_key(started.settings.nats_url, 1_000_000)
+        status, body, headers = await chat(http, started, key, "gpt-4o-mini", "hi [[tokens:5]]")
+        assert status == 200, body
+        usage = body["usage"]
+        cost = pricing.cost(PRICE_MINI, usage["prompt_tokens"], usage["completion_tokens"])[3]
+        assert int(headers["X-Routstr-Cost-Msats"]) == cost > 0
+    finally:
+        await started.stop()
