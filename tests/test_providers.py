@@ -101,6 +101,8 @@ def test_provider_file_reads_keys_from_the_environment(tmp_path: Path):
 #   b: openrouter, priority 1, lists m-shared at $3/$6, m-only-b, m-hidden (disabled in the models file)
 #   c: openai, lists like OpenAI (no prices): gpt-4o-mini (priced by genai-prices' data), my-finetune-xyz
 #   d: anthropic, Anthropic's own model list and Messages API: claude-sonnet-4-5
+#   e: ollama, only its native /api/tags: llama3.2:latest (priced in the models file) and gpt-4o-mini (a local
+#      model: not priced from the database, so only c sells gpt-4o-mini)
 
 BTC_USD = Decimal(100000)
 MARGIN = Decimal("1.05") * Decimal("1.005")  # UPSTREAM_PROVIDER_FEE x EXCHANGE_FEE (defaults)
@@ -140,8 +142,24 @@ async def start_stub(key: str, models, **options) -> Stub:
     return Stub(app, runner, url)
 
 
+def ollama_app() -> web.Application:
+    """Ollama's native model list only (`GET /api/tags`); its OpenAI-compatible `/v1/models` is not there."""
+
+    async def tags(request: web.Request) -> web.Response:
+        return web.json_response({"models": [
+            {"name": name, "model": name, "modified_at": "2025-01-01T00:00:00Z", "size": 2_019_393_189,
+             "digest": "a80c4f17acd5", "details": {"format": "gguf", "family": "llama", "parameter_size": "3.2B"}}
+            for name in ("llama3.2:latest", "gpt-4o-mini")
+        ]})  # fmt: skip
+
+    app = web.Application()
+    app.router.add_get("/api/tags", tags)
+    return app
+
+
 @pytest.fixture
 async def stubs():
+    ollama, ollama_url = await serve_app(ollama_app())
     found = {
         "a": await start_stub("key-a", (("m-shared", 64_000, "0.000001", "0.000002"),)),
         "b": await start_stub("key-b", (("m-shared", 64_000, "0.000003", "0.000006"),
@@ -149,6 +167,7 @@ async def stubs():
                                         ("m-hidden", 64_000, "0.000001", "0.000001"))),
         "c": await start_stub("key-c", (("gpt-4o-mini", 0, "", ""), ("my-finetune-xyz", 0, "", "")), priced=False),
         "d": await start_stub("key-d", (("claude-sonnet-4-5", 0, "", ""),), flavor="anthropic"),
+        "e": Stub(ollama_app(), ollama, ollama_url),
     }
     yield found
     for stub in found.values():
@@ -166,9 +185,11 @@ async def node(nats_server, database, mint, stubs, tmp_path, monkeypatch):
          "priority": 1},
         {"slug": "c", "provider_type": "openai", "base_url": f"{stubs['c'].url}/v1", "api_key": "key-c"},
         {"slug": "d", "provider_type": "anthropic", "base_url": f"{stubs['d'].url}/v1", "api_key": "key-d"},
+        {"slug": "e", "provider_type": "ollama", "base_url": f"{stubs['e'].url}/v1"},
     ]}))  # fmt: skip
     models = tmp_path / "models.json"
-    models.write_text(json.dumps([{"id": "m-hidden", "enabled": False}]))
+    models.write_text(json.dumps([{"id": "m-hidden", "enabled": False},
+                                  {"id": "llama3.2:latest", "pricing": {"prompt": "1e-7", "completion": "2e-7"}}]))
     env = node_env(nats_server.url, database, "", mint.url, PROVIDERS_PATH=str(providers), MODELS_PATH=str(models),
                    UPSTREAM_API_KEY="", UPSTREAM_COOLDOWN="1", UPSTREAM_FIRST_BYTE_TIMEOUT="1")  # fmt: skip
     started = await start_node(env, ("billing", "gateway"))
@@ -222,7 +243,15 @@ async def test_models_are_the_union_priced_out_of_the_box(node, http, stubs):
     assert not unpriced.enabled and "no price" in unpriced.disabled_reason and unpriced.price == bus.Price()
     shared = next(m for m in catalog.models if m.id == "m-shared")
     assert [(r.provider, r.price) for r in shared.routes] == [("a", PRICE_A), ("b", PRICE_B)]
+    mini = next(m for m in catalog.models if m.id == "gpt-4o-mini")
+    assert [r.provider for r in mini.routes] == ["c"]  # ollama's gpt-4o-mini has no operator price
+    local = next(m for m in catalog.models if m.id == "llama3.2:latest")
+    assert [(r.provider, r.price) for r in local.routes] == [("e", usd("1e-7", "2e-7"))] and "llama3.2:latest" in models
     assert {u.slug: u.api_key for u in upstreams.upstreams}["a"] == "key-a"  # read from its variable
+    for path in ("/v1/models", "/v1/info"):  # keys never in an answer
+        async with http.get(f"{node.url}{path}") as response:
+            text = await response.text()
+        assert not any(k in text for k in ("key-a", "key-b", "key-c", "key-d")), path
     # The kind-38421 announcement carries the same union, with sats prices.
     settings = node.settings.replace(http_url="https://node.example")
     content = json.loads(announcement.build(settings, "d", "1", catalog).content)

@@ -258,7 +258,10 @@ class Proxy:
         provider is cooling down, else `502`/`504` as the last failure was.
         """
         provider_type = "anthropic" if call.path == "/v1/messages" else None
-        candidates, wait = await self.router.candidates(call.reserved.routes, provider_type)
+        try:
+            candidates, wait = await self.router.candidates(call.reserved.routes, provider_type)
+        except BusError:  # billing never told this gateway its providers (it answered the reservation, though)
+            candidates, wait = [], 5.0
         keep_model = "X-Routstr-Model" in request.headers
         payload_model = call.body.get("model")
         failure: BaseException | None = None
