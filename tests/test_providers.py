@@ -11,6 +11,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import asyncpg
+import msgspec
 import pytest
 import yaml
 from aiohttp import web
@@ -368,8 +369,43 @@ async def test_anthropic_messages_natively_priced_by_anthropic_usage(node, http,
     assert stubs["d"].hits == 2
     status, _, _ = await chat(http, node, key, "m-only-b")
     assert status == 200  # OpenAI-shaped calls keep their routes
+    status, answer, _ = await chat(http, node, key, "claude-sonnet-4-5", "hi [[tokens:4]]")
+    assert status == 200 and answer["object"] == "chat.completion", answer  # Anthropic's OpenAI-compatible endpoint
+    assert stubs["d"].app[upstream.HITS]["/v1/chat/completions"] == 1
     async with http.post(f"{node.url}/v1/messages", json={**body, "model": "m-only-b"}, headers=headers) as response:
         assert response.status == 503  # no Anthropic-type provider serves it
+
+
+async def test_a_provider_added_to_the_store_is_sold_after_the_change_event(node, http, stubs):
+    """The admin API's path: write the store, publish events.providers.changed; billing and gateways follow."""
+    pool = await asyncpg.create_pool(node.settings.database_url, min_size=1, max_size=1)
+    try:
+        store = ProviderStore(pool)
+        extra, _ = parse_provider({"slug": "extra", "provider_type": "generic", "base_url": f"{stubs['b'].url}/v1",
+                                   "api_key": "key-b", "priority": 5, "models": ["m-only-b"]}, "admin")  # fmt: skip
+        await store.upsert(extra)
+        await store.upsert_model("extra", {"id": "m-only-b", "alias_ids": ["b-alias"], "forwarded_model_id": "m-only-b",
+                                           "pricing": {"prompt": "0.000002", "completion": "0.000002"}})  # fmt: skip
+        await store.upsert(Provider(**{**msgspec.structs.asdict(await store.get("a")), "enabled": False}))
+    finally:
+        await pool.close()
+    nc = await messaging.connect(node.settings.nats_url, "admin-stand-in")
+    try:
+        await nc.publish(bus.EVENT_PROVIDERS_CHANGED, b"")
+        await nc.flush()
+    finally:
+        await nc.close()
+    for _ in range(100):
+        models = await listed(http, node)
+        if "b-alias" in models:
+            break
+        await asyncio.sleep(0.1)
+    assert "b-alias" in models  # the override's alias, on the new provider's route
+    key = await funded_key(node.settings.nats_url, 1_000_000)
+    status, body, headers = await chat(http, node, key, "m-shared", "hi [[tokens:3]]")
+    assert status == 200 and stubs["a"].hits == 0  # a was disabled: b answers, at b's price
+    cost = pricing.cost(PRICE_B, body["usage"]["prompt_tokens"], body["usage"]["completion_tokens"])[3]
+    assert int(headers["X-Routstr-Cost-Msats"]) == cost
 
 
 async def test_bad_provider_configuration_stops_the_start(nats_server, database, mint, tmp_path):

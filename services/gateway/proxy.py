@@ -208,7 +208,7 @@ class Proxy:
         try:
             async with self.session.request(
                 request.method, first.base_url + request.path.removeprefix("/v1"), params=request.query,
-                headers={**self._forward_headers(request), **headers_for(first)},
+                headers={**self._forward_headers(request), **headers_for(first, request.path)},
             ) as upstream:  # fmt: skip
                 data = await upstream.read()
                 headers = {k: v for k, v in upstream.headers.items() if k.lower() in _KEEP_RESPONSE}
@@ -270,7 +270,7 @@ class Proxy:
             if not keep_model:
                 call.body["model"] = route.upstream_id
             headers = {**self._forward_headers(request), "Content-Type": "application/json"}
-            headers.update(headers_for(upstream))  # the provider's own auth; clients' credentials never go on
+            headers.update(headers_for(upstream, call.path))  # its own auth; clients' credentials never go on
             started = time.monotonic()
             try:
                 response = await asyncio.wait_for(

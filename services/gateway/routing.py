@@ -104,6 +104,10 @@ class Router:
         self.metrics.provider_up.labels(upstream.slug).set(1)
 
 
-def headers_for(upstream: bus.Upstream) -> dict[str, str]:
-    """The provider's own auth headers (never logged)."""
-    return auth_headers(upstream.provider_type, upstream.api_key, upstream.api_version)
+def headers_for(upstream: bus.Upstream, path: str = "") -> dict[str, str]:
+    """The provider's own auth headers (never logged). An OpenAI-shaped call to an Anthropic provider (its
+    OpenAI-compatible endpoint) carries the key as a Bearer token too, as the OpenAI SDK sends it there."""
+    headers = auth_headers(upstream.provider_type, upstream.api_key, upstream.api_version)
+    if upstream.provider_type == "anthropic" and upstream.api_key and path != "/v1/messages":
+        headers["Authorization"] = f"Bearer {upstream.api_key}"
+    return headers
