@@ -61,7 +61,7 @@ class GatewayMetrics:
             ["provider"], registry=registry,
         )  # fmt: skip
         self.provider_up = Gauge(
-            "routstr_provider_up", "1 when the provider is in routing, 0 while it cools down after failures",
+            "routstr_provider_up", "0 from a provider's failed call until a call to it succeeds again, else 1",
             ["provider"], registry=registry,
         )  # fmt: skip
 

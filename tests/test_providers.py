@@ -99,7 +99,8 @@ def test_provider_file_reads_keys_from_the_environment(tmp_path: Path):
 
 # ---- a node with four providers --------------------------------------------------------------
 #   a: generic, priority 0, lists m-shared at $1/$2 per M (published `pricing`), key from TEST_PROVIDER_KEY_A
-#   b: openrouter, priority 1, lists m-shared at $3/$6, m-only-b, m-hidden (disabled in the models file)
+#   b: openrouter, priority 1, provider_fee 1.2, lists m-shared at $3/$6, m-only-b, m-hidden (disabled in the
+#      models file)
 #   c: openai, lists like OpenAI (no prices): gpt-4o-mini (priced by genai-prices' data), my-finetune-xyz
 #   d: anthropic, Anthropic's own model list and Messages API: claude-sonnet-4-5
 #   e: ollama, only its native /api/tags: llama3.2:latest (priced in the models file) and gpt-4o-mini (a local
@@ -110,14 +111,15 @@ MARGIN = Decimal("1.05") * Decimal("1.005")  # UPSTREAM_PROVIDER_FEE x EXCHANGE_
 CHAT = "/v1/chat/completions"
 
 
-def usd(prompt: str, completion: str, **more: str) -> bus.Price:
+def usd(prompt: str, completion: str, margin: Decimal = MARGIN, **more: str) -> bus.Price:
     prices = {"prompt": Decimal(prompt), "completion": Decimal(completion)}
     prices.update({k: Decimal(v) for k, v in more.items()})
-    return pricing.usd_price(prices, BTC_USD, MARGIN)
+    return pricing.usd_price(prices, BTC_USD, margin)
 
 
-PRICE_A, PRICE_B = usd("0.000001", "0.000002"), usd("0.000003", "0.000006")
-PRICE_ONLY_B = usd("0.000001", "0.000001")
+B_MARGIN = Decimal("1.2") * Decimal("1.005")  # b's own provider_fee replaces UPSTREAM_PROVIDER_FEE
+PRICE_A, PRICE_B = usd("0.000001", "0.000002"), usd("0.000003", "0.000006", B_MARGIN)
+PRICE_ONLY_B = usd("0.000001", "0.000001", B_MARGIN)
 PRICE_MINI = usd("0.00000015", "0.0000006", input_cache_read="0.000000075")  # genai-prices: $0.15 / $0.60 per M
 PRICE_SONNET = usd("0.000003", "0.000015", input_cache_read="0.0000003", input_cache_write="0.00000375")
 
@@ -183,7 +185,7 @@ async def node(nats_server, database, mint, stubs, tmp_path, monkeypatch):
         {"slug": "a", "provider_type": "generic", "base_url": f"{stubs['a'].url}/v1",
          "api_key_env": "TEST_PROVIDER_KEY_A", "priority": 0},
         {"slug": "b", "provider_type": "openrouter", "base_url": f"{stubs['b'].url}/v1", "api_key": "key-b",
-         "priority": 1},
+         "priority": 1, "provider_fee": 1.2},
         {"slug": "c", "provider_type": "openai", "base_url": f"{stubs['c'].url}/v1", "api_key": "key-c"},
         {"slug": "d", "provider_type": "anthropic", "base_url": f"{stubs['d'].url}/v1", "api_key": "key-d"},
         {"slug": "e", "provider_type": "ollama", "base_url": f"{stubs['e'].url}/v1"},
@@ -315,9 +317,24 @@ async def test_failover_charges_once_at_the_answering_provider_and_cools_the_fai
     a.runner, _ = await serve_app(a.app, port)
     await asyncio.sleep(1.1)
 
+    a.behave(fail=503)  # a stream fails over too, before its first byte
+    body = {"model": "m-shared", "messages": [{"role": "user", "content": "hi [[tokens:6]]"}], "max_tokens": 50,
+            "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    async with http.post(f"{node.url}{CHAT}", json=body, headers=auth(key)) as response:
+        assert response.status == 200
+        events = [e for e in (await response.text()).split("\n\n") if e.startswith("data: {")]
+    usage = json.loads(events[-1][6:])["usage"]
+    balance -= pricing.cost(PRICE_B, usage["prompt_tokens"], usage["completion_tokens"])[3]
+    assert usage["cost"]["total_msats"] == pricing.cost(PRICE_B, usage["prompt_tokens"], usage["completion_tokens"])[3]
+    assert await spendable(http, node, key) == balance
+    a.behave()
+    await asyncio.sleep(1.1)
+
     metrics = await (await http.get(f"{node.urls['gateway']}/metrics")).text()
-    assert 'routstr_provider_cooldowns_total{provider="a"} 4.0' in metrics
-    assert 'routstr_provider_failovers_total{provider="a"} 4.0' in metrics
+    assert 'routstr_provider_up{provider="a"} 0.0' in metrics  # its last call failed; the next one probes it
+    assert 'routstr_provider_cooldowns_total{provider="a"} 5.0' in metrics
+    assert 'routstr_provider_failovers_total{provider="a"} 5.0' in metrics
+    assert 'routstr_provider_up{provider="b"} 1.0' in metrics
     assert "key-a" not in metrics and a.url not in metrics
 
     a.behave(fail=503)
