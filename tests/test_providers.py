@@ -279,7 +279,8 @@ async def test_models_are_the_union_priced_out_of_the_box(node, http, stubs):
     assert stubs["c"].hits == 1
 
 
-async def test_failover_charges_once_at_the_answering_provider_and_cools_the_failing_one(node, http, stubs):
+async def test_failover_charges_once_at_the_answering_provider_and_cools_the_failing_one(node, http, stubs, caplog):
+    caplog.set_level("DEBUG")
     a, b = stubs["a"], stubs["b"]
     key = await funded_key(node.settings.nats_url, 10_000_000)
     balance = 10_000_000
@@ -336,6 +337,7 @@ async def test_failover_charges_once_at_the_answering_provider_and_cools_the_fai
     assert 'routstr_provider_failovers_total{provider="a"} 5.0' in metrics
     assert 'routstr_provider_up{provider="b"} 1.0' in metrics
     assert "key-a" not in metrics and a.url not in metrics
+    assert "provider a failed" in caplog.text and not any(k in caplog.text for k in ("key-a", "key-b"))
 
     a.behave(fail=503)
     b.behave(fail=503)
