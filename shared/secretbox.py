@@ -28,6 +28,7 @@ SECRET_COLUMNS = (
     ("discovery.node_key", "id", "secret_hex"),
     ("billing.refunds", "refund_id", "token"),
     ("billing.invoices", "invoice_id", "api_key"),
+    ("billing.providers", "id", "api_key"),
 )
 
 
@@ -81,7 +82,7 @@ async def rotate(conn: asyncpg.Connection, box: SecretBox) -> int:
     for table, key, column in SECRET_COLUMNS:
         if await conn.fetchval("SELECT to_regclass($1)", table) is None:
             continue
-        rows = await conn.fetch(f"SELECT {key} AS k, {column} AS v FROM {table} WHERE {column} IS NOT NULL")
+        rows = await conn.fetch(f"SELECT {key} AS k, {column} AS v FROM {table} WHERE {column} <> ''")
         for row in rows:
             status = await conn.execute(
                 f"UPDATE {table} SET {column} = $2 WHERE {key} = $1 AND {column} = $3",

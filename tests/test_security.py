@@ -33,7 +33,7 @@ from services.wallet.lnurl import LnurlClient, LnurlError, public_address
 from shared import bus, db, messaging, tls
 from shared.config import ConfigError, load_settings
 from shared.secretbox import SecretBox, is_sealed, rotate
-from tests.conftest import SECRETS_KEY, node_env
+from tests.conftest import SECRETS_KEY, UPSTREAM_KEY, node_env
 from tests.support import natsauth
 from tests.support.cluster import Cluster
 from tests.support.keys import funded_key
@@ -238,6 +238,7 @@ async def test_after_the_money_path_no_secret_is_in_the_database_dump_or_any_log
     nostr = Keys.parse(box.open(sealed_nostr)).secret_key()
     secrets = {"mnemonic": mnemonic, "first seed words": " ".join(mnemonic.split()[:3]), "nsec": nostr.to_bech32(),
                "nostr hex": nostr.to_hex(), "api key": key, "refund token": refund, "change token": change,
+               "upstream key": UPSTREAM_KEY,
                **{f"token {i}": token for i, token in enumerate(tokens)}}  # fmt: skip
     logs = {proc.name: proc.log() for proc in cluster.procs}
     logs["nats"] = nats_server.log_path.read_text(errors="replace")
