@@ -331,7 +331,7 @@ async def test_failover_charges_once_at_the_answering_provider_and_cools_the_fai
     a.behave()
     await asyncio.sleep(1.1)
 
-    metrics = await (await http.get(f"{node.urls['gateway']}/metrics")).text()
+    metrics = await (await http.get(f"{node.urls['gateway_metrics']}/metrics")).text()
     assert 'routstr_provider_up{provider="a"} 0.0' in metrics  # its last call failed; the next one probes it
     assert 'routstr_provider_cooldowns_total{provider="a"} 5.0' in metrics
     assert 'routstr_provider_failovers_total{provider="a"} 5.0' in metrics
