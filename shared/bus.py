@@ -105,6 +105,9 @@ class Usage(msgspec.Struct, tag="usage", frozen=True):
     status: int = 200
     ts: float = 0.0
     price: Price | None = None  # the reservation's price, echoed so billing settles in one round trip
+    latency_ms: int = 0  # from the request's arrival to the end of the answer (request log)
+    provider: str = ""  # the upstream provider that answered (request log)
+    attempts: int = 1  # upstream attempts, failovers included (request log)
 
 
 class Settled(msgspec.Struct, tag="settled", frozen=True):
@@ -296,6 +299,30 @@ class Holdings(msgspec.Struct, tag="holdings", frozen=True):
     by_mint: dict[str, int]
 
 
+# ---- admin (the operator's plane) -------------------------------------------------------------
+
+# The gateway forwards each admin API call to billing, which checks the session/CLI token in Postgres,
+# so every replica accepts every session. `op` names the operation (services/billing/admin/);
+# `token_hash` is the sha256 of the bearer token (the token itself never travels), `password` and
+# `new_password` only on login and password change. The answer is the HTTP status and JSON body.
+BILLING_ADMIN = "billing.admin"  # AdminCall -> AdminAnswer
+
+
+class AdminCall(msgspec.Struct, tag="admin_call", frozen=True):
+    op: str
+    token_hash: str = ""
+    body: Any = None
+    query: dict[str, str] = {}
+    params: dict[str, str] = {}  # path parameters, e.g. {"id": "3"}
+    client: str = ""  # the client's address (failed-login rate limit)
+
+
+class AdminAnswer(msgspec.Struct, tag="admin_answer", frozen=True):
+    status: int
+    body: Any
+    retry_after: int | None = None
+
+
 # ---- discovery -------------------------------------------------------------------------------
 
 
@@ -334,6 +361,7 @@ Message = (
     | MintQuote | MintQuoteCheck | MintQuoteState
     | Redeem | Redeemed | Issue | Issued | Pay | Paid | HoldingsQuery | Holdings
     | InfoQuery | NodeIdentity | ProvidersQuery | Providers
+    | AdminCall | AdminAnswer
 )  # fmt: skip
 
 _encoder = msgspec.msgpack.Encoder()

@@ -82,6 +82,7 @@ class Catalog:
         self.session = session
         self.file_models = load_models_file(settings.models_path)
         self.upstream_models: list[dict] = []
+        self.overrides: list[dict] = []  # the operator's live edits (billing.model_overrides), merged last
         self.btc_usd: Decimal | None = settings.btc_usd_rate
         self.current = bus.Catalog((), "0", settings.fixed_pricing, "")
         self._by_id: dict[str, bus.ModelEntry] = {}
@@ -92,6 +93,13 @@ class Catalog:
     async def refresh(self) -> bool:
         """Rebuild from the upstream list and the rate; True when anything a client sees changed."""
         await asyncio.gather(self._fetch_upstream(), self._fetch_rate())
+        return await self.rebuild()
+
+    async def rebuild(self) -> bool:
+        """Rebuild from what is known plus the operator's overrides as stored now (no upstream fetch);
+        True when anything a client sees changed. Called after an admin edit and on catalog events."""
+        rows = await self.pool.fetch("SELECT data FROM billing.model_overrides ORDER BY model_id")
+        self.overrides = [json.loads(row["data"]) for row in rows]
         models = self._build()
         rate = str(self.btc_usd or 0)
         digest = hashlib.sha256(bus.encode(bus.Catalog(models, rate, self.settings.fixed_pricing, ""))).hexdigest()
@@ -119,16 +127,25 @@ class Catalog:
 
     # ---- building ------------------------------------------------------------------------
 
-    def _build(self) -> tuple[bus.ModelEntry, ...]:
+    def merged(self) -> dict[str, dict]:
+        """Every model known, disabled ones included: the upstream list, then the models file, then the
+        operator's overrides, each layer's fields (and pricing fields) winning over the one before."""
         merged: dict[str, dict] = {}
         for model in self.upstream_models:
             if isinstance(model, dict) and isinstance(model.get("id"), str):
                 merged[model["id"]] = dict(model)
-        for model in self.file_models:
+        for model in (*self.file_models, *self.overrides):
             base = merged.get(model["id"], {})
             merged[model["id"]] = {**base, **model, "pricing": {**base.get("pricing", {}), **model.get("pricing", {})}}
+        return merged
+
+    def priced(self, model: dict) -> bool:
+        """Whether a model (as `merged()` gives it) can be sold: it has a price to charge."""
+        return self._entry(model) is not None
+
+    def _build(self) -> tuple[bus.ModelEntry, ...]:
         entries = []
-        for model in merged.values():
+        for model in self.merged().values():
             if model.get("enabled") is False:
                 continue
             entry = self._entry(model)

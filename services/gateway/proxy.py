@@ -74,7 +74,7 @@ class Call:
             request_id=self.request_id, key_hash=self.cred.key_hash, reservation_id=self.reserved.reservation_id,
             model=self.reserved.model, prompt_tokens=prompt, completion_tokens=completion,
             cache_read_tokens=cache_read, cache_write_tokens=cache_write, source=source, status=status,
-            ts=time.time(), price=self.reserved.price,
+            ts=time.time(), price=self.reserved.price, latency_ms=int((time.monotonic() - self.started) * 1000),
         )  # fmt: skip
 
 
