@@ -26,12 +26,17 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-class Sessions:
-    """Password and tokens. `hasher` is argon2-cffi's PasswordHasher (argon2id, RFC 9106 defaults)."""
+# argon2id at OWASP's Password Storage Cheat Sheet setting (19 MiB, 2 passes, 1 lane): slow for an
+# attacker, yet a login costs a shared small machine tens of milliseconds, not seconds.
+HASHER = PasswordHasher(time_cost=2, memory_cost=19456, parallelism=1)
 
-    def __init__(self, pool: asyncpg.Pool, hasher: PasswordHasher | None = None):
+
+class Sessions:
+    """Password and tokens. `hasher` is argon2-cffi's PasswordHasher (argon2id)."""
+
+    def __init__(self, pool: asyncpg.Pool, hasher: PasswordHasher = HASHER):
         self.pool = pool
-        self.hasher = hasher or PasswordHasher()
+        self.hasher = hasher
         self.enabled = False
 
     async def _hash(self, password: str) -> str:
