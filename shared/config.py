@@ -168,9 +168,16 @@ def _read_dotenv(path: Path) -> dict[str, str]:
     return {key: value or "" for key, value in dotenv_values(path).items()}
 
 
-def load_settings(environ: Mapping[str, str] | None = None, dotenv: Path | None = Path(".env")) -> Settings:
-    """Read, convert and validate every variable; the environment wins over `.env`."""
-    env = dict(_read_dotenv(dotenv)) if dotenv else {}
+RUN_ENV = Path(".run/env")  # NATS_URL and DATABASE_URL of the servers a running `make run` started
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None, dotenv: Path | None = Path(".env"), run_env: Path | None = None
+) -> Settings:
+    """Read, convert and validate every variable; the environment wins over `.env`, which wins over
+    `run_env` (operator commands pass RUN_ENV, so they find the node `make run` started)."""
+    env = dict(_read_dotenv(run_env)) if run_env else {}
+    env.update(_read_dotenv(dotenv) if dotenv else {})
     env.update(os.environ if environ is None else environ)
 
     def get(name: str) -> str:
