@@ -71,6 +71,11 @@ ADMIN_BODIES: dict[str, dict] = {
                                 "mint_url": {"type": "string"}, "lightning_address": {"type": "string"},
                                 "idempotency_key": {"type": "string"}}},
     "settings_update": OBJECT,
+    "provider_create": {"type": "object", "required": ["provider_type"],
+                        "properties": {"provider_type": {"type": "string"}, "base_url": {"type": "string"},
+                                       "api_key": {"type": "string"}, "slug": {"type": "string"},
+                                       "enabled": {"type": "boolean"}, "provider_fee": {"type": "number"}}},
+    "provider_update": OBJECT,
     "model_upsert": {"allOf": [{"$ref": "#/components/schemas/ModelEdit"}, {"required": ["id"]}]},
     "model_update": {"$ref": "#/components/schemas/ModelEdit"},
 }  # fmt: skip
@@ -116,14 +121,18 @@ def _admin_operation(method: str, path: str, op: str) -> dict:
         "operationId": f"admin_{op}_{method.lower()}_{path.count('/')}" + ("_core" if "/api/" not in path else ""),
         "tags": ["admin"],
         "parameters": params,
-        "responses": {"200": _json(ADMIN_ANSWERS.get(op, {"type": ["object", "array"]})),
-                      **_errors(ADMIN_ERRORS, DETAIL)},  # fmt: skip
+        "responses": {
+            "200": _json(ADMIN_ANSWERS.get(op, {"type": ["object", "array"]})),
+            **_errors(ADMIN_ERRORS, DETAIL),
+        },
     }
     if op != "login":
         operation["security"] = [{"bearer": []}]
     if method in ("POST", "PATCH"):
-        operation["requestBody"] = {"required": op in ADMIN_BODIES,
-                                    "content": {"application/json": {"schema": ADMIN_BODIES.get(op, OBJECT)}}}
+        operation["requestBody"] = {
+            "required": op in ADMIN_BODIES,
+            "content": {"application/json": {"schema": ADMIN_BODIES.get(op, OBJECT)}},
+        }
     return operation
 
 

@@ -15,7 +15,7 @@ import asyncpg
 from nats.aio.client import Client as NATS
 
 from services.billing.admin import settings as live
-from services.billing.admin.models import Invalid, Models, validate
+from services.billing.admin.models import Conflict, Invalid, Missing, Models, validate
 from services.billing.admin.money import Money, Refusal
 from services.billing.admin.sessions import MIN_PASSWORD, Sessions
 from services.billing.admin.usage import MAX_HOURS, RequestLog
@@ -24,12 +24,6 @@ from shared import bus
 from shared.config import ConfigError, Settings
 
 log = logging.getLogger(__name__)
-
-PROVIDER = "default"  # until the provider store lands, the one upstream of UPSTREAM_BASE_URL
-PROVIDER_TYPES = [
-    {"id": "openai", "name": "OpenAI-compatible", "default_base_url": "https://api.openai.com/v1",
-     "fixed_base_url": False},
-]  # fmt: skip
 
 
 class Problem(Exception):
@@ -70,7 +64,7 @@ class Admin:
         self.sessions = Sessions(pool)
         self.money = Money(pool, nc, settings.cashu_mints)
         self.usage = RequestLog(pool)
-        self.models = Models(pool, catalog)
+        self.models = Models(catalog, nc)
         self.ops: dict[str, Callable[[bus.AdminCall, int], Awaitable[Any]]] = {
             name.removeprefix("op_"): getattr(self, name) for name in dir(self) if name.startswith("op_")
         }
@@ -106,6 +100,10 @@ class Admin:
             return bus.AdminAnswer(exc.status, {"detail": exc.detail}, exc.retry_after)
         except (Invalid, ConfigError) as exc:
             return bus.AdminAnswer(400, {"detail": str(exc)})
+        except Missing as exc:
+            return bus.AdminAnswer(404, {"detail": str(exc)})
+        except Conflict as exc:
+            return bus.AdminAnswer(409, {"detail": str(exc)})
 
     # ---- sessions ----------------------------------------------------------------------------
 
@@ -163,10 +161,7 @@ class Admin:
         changes = live.parse(call.body)
         await live.store(self.pool, changes)
         await self.apply_live()
-        if {"upstream_provider_fee", "exchange_fee"} & set(changes) and await self.catalog.rebuild():
-            await self.nc.publish(bus.EVENT_CATALOG_CHANGED, self.catalog.current.revision.encode())
-        else:
-            await self.nc.publish(bus.EVENT_CATALOG_CHANGED, b"settings")
+        await self.models.changed()  # other replicas load the settings; fees re-price the catalog
         return live.view(self.settings)
 
     # ---- money -------------------------------------------------------------------------------
@@ -237,76 +232,48 @@ class Admin:
         }  # fmt: skip
         return await self.usage.logs(filters, _int(q, "limit", 100, 1, 1000), _int(q, "offset", 0, 0, 10**9))
 
-    # ---- models and the upstream provider ---------------------------------------------------
-
-    def _provider(self) -> dict:
-        return {
-            "id": 1, "slug": PROVIDER, "provider_type": "openai", "base_url": self.settings.upstream_base_url,
-            "api_key": live.REDACTED if self.settings.upstream_api_key else "", "api_version": None,
-            "enabled": bool(self.settings.upstream_base_url),
-            "provider_fee": float(self.settings.upstream_provider_fee), "provider_settings": {},
-        }  # fmt: skip
-
-    def _check_provider(self, call: bus.AdminCall) -> None:
-        if call.params.get("provider") not in (PROVIDER, "1"):
-            raise Problem(404, f"No upstream provider {call.params.get('provider')}")
+    # ---- providers and models ----------------------------------------------------------------
 
     async def op_providers(self, call: bus.AdminCall, _: int) -> list:
-        return [self._provider()]
+        return await self.models.providers()
+
+    async def op_provider_create(self, call: bus.AdminCall, _: int) -> dict:
+        return await self.models.create_provider(call.body)
 
     async def op_provider(self, call: bus.AdminCall, _: int) -> dict:
-        self._check_provider(call)
-        return self._provider()
+        return (await self.models.provider(call.params["provider"])).redacted()
+
+    async def op_provider_update(self, call: bus.AdminCall, _: int) -> dict:
+        return await self.models.update_provider(call.params["provider"], call.body)
+
+    async def op_provider_delete(self, call: bus.AdminCall, _: int) -> dict:
+        return {"ok": True, "deleted_id": await self.models.delete_provider(call.params["provider"])}
 
     async def op_provider_types(self, call: bus.AdminCall, _: int) -> list:
-        return PROVIDER_TYPES
+        return self.models.types()
 
     async def op_provider_models(self, call: bus.AdminCall, _: int) -> dict:
-        self._check_provider(call)
-        provider = self._provider()
-        return {
-            "provider": {k: provider[k] for k in ("id", "provider_type", "base_url")},
-            "db_models": self.models.overrides(),
-            "remote_models": self.models.list(),
-        }
+        return await self.models.provider_models(call.params["provider"])
 
     async def op_models(self, call: bus.AdminCall, _: int) -> list:
-        return self.models.list()
+        return await self.models.list()
 
     async def op_model(self, call: bus.AdminCall, _: int) -> dict:
-        if "provider" in call.params:
-            self._check_provider(call)
-        model = self.models.get(call.params.get("model_id", ""))
-        if model is None:
-            raise Problem(404, f"No model {call.params.get('model_id')}")
-        return model
-
-    async def _changed(self, model: dict) -> dict:
-        await self.nc.publish(bus.EVENT_CATALOG_CHANGED, self.catalog.current.revision.encode())
-        return model
+        return await self.models.get(call.params.get("model_id", ""), call.params.get("provider"))
 
     async def op_model_upsert(self, call: bus.AdminCall, _: int) -> dict:
-        if "provider" in call.params:
-            self._check_provider(call)
         body = _body(call)
-        model_id = body.get("id")
-        if not isinstance(model_id, str):
+        if not isinstance(body.get("id"), str):
             raise Problem(400, "id is required")
-        return await self._changed(await self.models.save(model_id, validate(body), replace=True))
+        return await self.models.save(body["id"], validate(body), call.params.get("provider"), replace=True)
 
     async def op_model_update(self, call: bus.AdminCall, _: int) -> dict:
-        if "provider" in call.params:
-            self._check_provider(call)
         model_id = call.params.get("model_id", "")
-        if self.models.get(model_id) is None:
-            raise Problem(404, f"No model {model_id}")
-        return await self._changed(await self.models.save(model_id, validate(_body(call))))
+        changes = validate(_body(call))
+        await self.models.get(model_id, call.params.get("provider"))  # 404 before anything is stored
+        return await self.models.save(model_id, changes, call.params.get("provider"))
 
     async def op_model_delete(self, call: bus.AdminCall, _: int) -> dict:
-        if "provider" in call.params:
-            self._check_provider(call)
         model_id = call.params.get("model_id", "")
-        if not await self.models.delete(model_id):
-            raise Problem(404, f"No override for model {model_id}")
-        await self._changed({})
+        await self.models.delete(model_id, call.params.get("provider"))
         return {"ok": True, "deleted_id": model_id}

@@ -159,7 +159,8 @@ class Money:
     async def resume_stale(self, older_than: float = 120.0) -> None:
         """Finish withdrawals left pending by a crash or a mint outage (each under its own key)."""
         rows = await self.pool.fetch(
-            "SELECT * FROM billing.withdrawals WHERE state = 'pending' AND created_at < now() - make_interval(secs => $1)",
+            "SELECT * FROM billing.withdrawals WHERE state = 'pending'"
+            " AND created_at < now() - make_interval(secs => $1)",
             older_than,
         )
         for row in rows:
@@ -215,7 +216,8 @@ class Money:
         rows = await self.pool.fetch(
             "SELECT * FROM (SELECT l.id, l.kind, l.debit, l.credit, l.amount_msat, l.created_at,"
             " coalesce(w.state, r.state, 'completed') AS status FROM billing.ledger l"
-            " LEFT JOIN billing.withdrawals w ON l.kind = 'withdraw' AND l.idempotency_key = 'withdraw:' || w.withdrawal_id"
+            " LEFT JOIN billing.withdrawals w"
+            " ON l.kind = 'withdraw' AND l.idempotency_key = 'withdraw:' || w.withdrawal_id"
             " LEFT JOIN billing.refunds r ON l.kind = 'refund' AND l.idempotency_key = 'refund:' || r.refund_id"
             " WHERE l.kind NOT IN ('reserve', 'release', 'expire')) t"
             " WHERE ($1 = '' OR kind = $1) AND ($2 = '' OR status = $2) ORDER BY id DESC",
@@ -244,7 +246,8 @@ class Money:
             "invoices": [
                 {"id": r["invoice_id"], "bolt11": r["bolt11"], "payment_hash": r["payment_hash"],
                  "purpose": r["purpose"], "amount": r["amount_msat"], "status": r["state"],
-                 "created_at": r["created_at"].isoformat(), "paid_at": r["paid_at"].isoformat() if r["paid_at"] else None,
+                 "created_at": r["created_at"].isoformat(),
+                 "paid_at": r["paid_at"].isoformat() if r["paid_at"] else None,
                  "expires_at": r["expires_at"]}
                 for r in rows
             ],
@@ -265,5 +268,3 @@ def _answer(row: asyncpg.Record) -> dict:
         "method": row["method"], "lightning_address": row["recipient"], "status": row["state"],
         "automatic": row["automatic"], "created_at": row["created_at"].isoformat(),
     }  # fmt: skip
-
-

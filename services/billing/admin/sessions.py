@@ -119,9 +119,7 @@ class Sessions:
         hashed = await self._hash(new)
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute("UPDATE billing.admin_password SET hash = $1, updated_at = now() WHERE id = 1", hashed)
-            await conn.execute(
-                "DELETE FROM billing.admin_tokens WHERE kind = 'session' AND id <> $1", keep_token_id
-            )
+            await conn.execute("DELETE FROM billing.admin_tokens WHERE kind = 'session' AND id <> $1", keep_token_id)
         return True
 
     async def cli_tokens(self) -> list[dict]:
@@ -144,10 +142,10 @@ class Sessions:
                 "expires_at": _iso(row["expires_at"])}  # fmt: skip
 
     async def delete_cli_token(self, token_id: int) -> bool:
-        return bool(
-            await self.pool.fetchval("DELETE FROM billing.admin_tokens WHERE id = $1 AND kind = 'cli' RETURNING 1",
-                                     token_id)  # fmt: skip
+        deleted = await self.pool.fetchval(
+            "DELETE FROM billing.admin_tokens WHERE id = $1 AND kind = 'cli' RETURNING 1", token_id
         )
+        return bool(deleted)
 
     async def sweep(self) -> None:
         """Forget expired tokens and old failures."""

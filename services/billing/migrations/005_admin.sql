@@ -64,14 +64,6 @@ CREATE TABLE billing.request_log (
 );
 CREATE INDEX request_log_created ON billing.request_log (created_at);
 
--- The operator's edits to models (price, enabled, aliases, forwarded id), merged over the models file
--- and the upstream list; a change reaches every replica's catalog through events.catalog.changed.
-CREATE TABLE billing.model_overrides (
-    model_id   text PRIMARY KEY,
-    data       jsonb NOT NULL,
-    updated_at timestamptz NOT NULL DEFAULT now()
-);
-
 -- Settings the operator changed at run time (only those documented as live).
 CREATE TABLE billing.admin_settings (
     name       text PRIMARY KEY,
