@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+from services.billing import app as billing_app
 from tests.support.keys import reconcile
 from tests.test_gateway import CHAT, auth
+from tests.test_wallet import lnurl_service  # noqa: F401 (a fixture)
 
 CORE = ("billing", "wallet", "gateway")
 PASSWORD = "correct horse battery"
@@ -244,3 +246,35 @@ async def test_providers_are_created_edited_and_removed_with_keys_redacted(make_
     assert status == 200 and {m["id"] for m in models["remote_models"]} >= {"openai/gpt-4o-mini"}
     assert await call(http, "DELETE", f"{url}/second", token) == (200, {"ok": True, "deleted_id": created["id"]})
     assert (await call(http, "GET", f"{url}/second", token))[0] == 404
+
+
+async def test_revenue_above_the_threshold_is_paid_to_the_lightning_address(
+    make_node,
+    http,
+    client_wallet,
+    mint,
+    lnurl_service,  # noqa: F811 (the fixture imported above)
+    monkeypatch,
+):
+    monkeypatch.setattr(billing_app, "ADMIN_EVERY", 0.3)
+    address, quotes = await lnurl_service(mint.url)
+    node = await make_node(CORE, ADMIN_PASSWORD=PASSWORD, RECEIVE_LN_ADDRESS=address, PAYOUT_THRESHOLD_SATS="2",
+                           **PRICES)  # fmt: skip
+    token = await login(http, node.url)
+    async with http.get(f"{node.url}/v1/balance/create",
+                        params={"initial_balance_token": await client_wallet.token(40)}) as response:  # fmt: skip
+        key = (await response.json())["api_key"]
+    for _ in range(5):
+        await paid_call(http, node, key)
+
+    async def paid_out():
+        _, body = await call(http, "GET", f"{node.url}/admin/api/withdrawals", token)
+        return [w for w in body["withdrawals"] if w["status"] == "paid"]
+
+    payouts = await wait_for(paid_out)
+    assert payouts[0]["automatic"] and payouts[0]["method"] == "lightning"
+    assert payouts[0]["lightning_address"] == address and payouts[0]["amount"] >= 2 and quotes
+    result = await reconcile(node.settings.nats_url)
+    assert result.difference_msat == 0 and result.covered, result
+    _, rows = await call(http, "GET", f"{node.url}/admin/api/balances", token)
+    assert rows[0]["owner_balance"] < 2000 + 2000  # what is left is below threshold + fee reserve

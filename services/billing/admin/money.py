@@ -27,6 +27,15 @@ PERMANENT = {"not_supported", "amount_too_small", "invalid_address", "unknown_mi
 _WITHDRAW_LOCK = 0x57697468  # "With": one withdrawal decides at a time
 
 
+def fee_reserve(amount_msat: int, method: str) -> int:
+    """What a withdrawal keeps back for the fee the node pays on top of it (msat): mint input fees on a
+    token (1 sat), Lightning routing and melt fees on a payout (2 sats or 1 %), so revenue never goes
+    below zero once the fee is booked against it."""
+    if method == "cashu":
+        return pricing.MSAT_PER_SAT
+    return max(2 * pricing.MSAT_PER_SAT, amount_msat // 100)
+
+
 class Refusal(Exception):
     """A withdrawal refused for a reason the operator can act on (`status`, `detail`)."""
 
@@ -98,11 +107,16 @@ class Money:
             await conn.execute("SELECT pg_advisory_xact_lock($1)", _WITHDRAW_LOCK)
             row = await conn.fetchrow("SELECT * FROM billing.withdrawals WHERE idempotency_key = $1", idempotency_key)
             if row is None:
-                available = await self.withdrawable(conn, unspent)
-                if amount > available:
-                    raise Refusal(400, f"Withdrawal of {amount_sats} sats exceeds the operator's share "
-                                       f"({available // pricing.MSAT_PER_SAT} sats available)")  # fmt: skip
                 method = "lightning" if lightning_address else "cashu"
+                available = await self.withdrawable(conn, unspent)
+                reserve = fee_reserve(amount, method)
+                if amount + reserve > available:
+                    raise Refusal(
+                        400,
+                        f"Withdrawal of {amount_sats} sats exceeds the operator's share: "
+                        f"{available / pricing.MSAT_PER_SAT:g} sats, of which {reserve // pricing.MSAT_PER_SAT} "
+                        "are kept for the fee",
+                    )
                 row = await conn.fetchrow(
                     "INSERT INTO billing.withdrawals (withdrawal_id, idempotency_key, amount_msat, method, recipient,"
                     " mint_url, automatic) VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING *",
@@ -177,8 +191,9 @@ class Money:
             return None  # the last one is still being resumed
         unspent = (await self._holdings()).unspent_msat
         async with self.pool.acquire() as conn:
-            sats = await self.withdrawable(conn, unspent) // pricing.MSAT_PER_SAT
-        if sats < threshold_sats:
+            available = await self.withdrawable(conn, unspent)
+        sats = (available - fee_reserve(available, "lightning")) // pricing.MSAT_PER_SAT
+        if sats < max(threshold_sats, 1):
             return None
         return await self.withdraw(sats, f"auto-{uuid.uuid4().hex}", lightning_address=address, automatic=True)
 
