@@ -44,6 +44,17 @@ async def test_dashboard_login_price_edit_and_withdrawal(make_node, http, client
 
         # Price: 0.002 USD a request (2 sats at 100k USD/BTC, times the operator's margin).
         await page.click("a[data-view=models]")
+        await expect(page.locator('tr[data-provider="upstream"]')).to_have_count(1)
+        await page.select_option("#provider-form [name=provider_type]", "generic")
+        await page.fill("#provider-form [name=slug]", "spare")
+        await page.fill("#provider-form [name=base_url]", "not a url")
+        await page.click("#provider-form button")
+        await expect(page.locator("#flash")).to_contain_text("base_url")
+        await page.fill("#provider-form [name=base_url]", "http://127.0.0.1:9/v1")
+        await page.click("#provider-form button")
+        await expect(page.locator('tr[data-provider="spare"]')).to_have_count(1)
+        await page.locator('tr[data-provider="spare"]').get_by_role("button", name="Remove").click()
+        await expect(page.locator('tr[data-provider="spare"]')).to_have_count(0)
         await page.fill("#model-filter", "gpt-4o-mini")
         row = page.locator('tr[data-model="openai/gpt-4o-mini"]')
         await row.locator('[data-field="request"]').fill("0.002")
@@ -91,6 +102,8 @@ async def test_dashboard_login_price_edit_and_withdrawal(make_node, http, client
         await page.click("#log-filters button")
         await expect(page.locator("#logs tbody tr")).to_have_count(3)
         await page.screenshot(path=tmp_path / "logs.png", full_page=True)
+        await page.click("a[data-view=models]")
+        await page.screenshot(path=tmp_path / "models.png", full_page=True)
         await browser.close()
     assert outside == []  # nothing fetched from anywhere but the node
     assert await client_wallet.receive(token) == 5

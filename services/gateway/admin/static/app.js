@@ -99,12 +99,57 @@ async function showOverview() {
 
 let models = [];
 async function showModels() {
-  const [providers, list] = await Promise.all([api("GET", "/admin/api/upstream-providers"), api("GET", "/admin/api/models")]);
+  const [providers, types, list] = await Promise.all([api("GET", "/admin/api/upstream-providers"),
+    api("GET", "/admin/api/provider-types"), api("GET", "/admin/api/models")]);
   models = list;
-  $("#providers").replaceChildren(el("h3", {}, "Upstream providers"), ...providers.map((p) =>
-    el("p", {}, el("b", {}, p.slug), ` ${p.provider_type} · ${p.base_url || "not configured"} · fee ×${p.provider_fee} · `,
-      p.enabled ? "enabled" : "disabled")));
+  const rows = providers.map((p) => el("tr", { "data-provider": p.slug }, el("td", {}, p.slug), el("td", {}, p.provider_type),
+    el("td", {}, p.base_url), el("td", { class: "num" }, p.priority ?? 0), el("td", {}, `×${p.provider_fee ?? "default"}`),
+    el("td", {}, el("input", { type: "checkbox", checked: p.enabled, "aria-label": `${p.slug} enabled`,
+      onchange: (e) => editProvider(p.slug, { enabled: e.target.checked }) })),
+    el("td", {}, el("button", { type: "button", class: "link", onclick: () => deleteProvider(p.slug) }, "Remove"))));
+  const form = el("form", { class: "inline", id: "provider-form" },
+    el("label", {}, "Type", el("select", { name: "provider_type" }, types.map((t) => el("option", { value: t.id }, t.name)))),
+    el("label", {}, "Slug", el("input", { name: "slug", placeholder: "optional" })),
+    el("label", {}, "Base URL", el("input", { name: "base_url", placeholder: "https://…/v1" })),
+    el("label", {}, "API key", el("input", { name: "api_key", type: "password" })),
+    el("button", { type: "submit" }, "Add provider"));
+  form.addEventListener("submit", addProvider);
+  const list_ = el("table");
+  table(list_, ["Slug", "Type", "Base URL", { label: "Priority", num: 1 }, "Fee", "On", ""], rows);
+  $("#providers").replaceChildren(el("h3", {}, "Upstream providers"), list_, form);
   renderModels();
+}
+
+async function addProvider(event) {
+  event.preventDefault();
+  const body = Object.fromEntries([...new FormData(event.target)].filter(([, v]) => v !== ""));
+  try {
+    const created = await api("POST", "/admin/api/upstream-providers", body);
+    flash(`Added provider ${created.slug}`);
+    await showModels();
+  } catch (error) {
+    flash(error.message, true);
+  }
+}
+
+async function editProvider(slug, changes) {
+  try {
+    await api("PATCH", `/admin/api/upstream-providers/${slug}`, changes);
+    flash(`Saved provider ${slug}`);
+    await showModels();
+  } catch (error) {
+    flash(error.message, true);
+  }
+}
+
+async function deleteProvider(slug) {
+  try {
+    await api("DELETE", `/admin/api/upstream-providers/${slug}`);
+    flash(`Removed provider ${slug}`);
+    await showModels();
+  } catch (error) {
+    flash(error.message, true);
+  }
 }
 
 function renderModels() {
@@ -114,7 +159,7 @@ function renderModels() {
       "aria-label": `${m.id} ${field} price` });
     const row = el("tr", { "data-model": m.id },
       el("td", {}, el("input", { type: "checkbox", "data-field": "enabled", checked: m.enabled, "aria-label": `${m.id} enabled` })),
-      el("td", {}, m.id, m.priced ? "" : el("span", { class: "status-bad" }, " (no price)")),
+      el("td", {}, m.id, m.enabled ? "" : el("span", { class: "status-bad", title: m.disabled_reason }, " (not sold)")),
       el("td", {}, price("prompt")), el("td", {}, price("completion")), el("td", {}, price("request")),
       el("td", {}, el("input", { class: "alias", "data-field": "alias_ids", value: m.alias_ids.join(", "), "aria-label": `${m.id} aliases` })),
       el("td", {}, el("input", { class: "alias", "data-field": "forwarded_model_id", value: m.forwarded_model_id ?? "",
@@ -189,10 +234,11 @@ async function showLogs(event) {
   const params = new URLSearchParams();
   for (const [name, value] of new FormData($("#log-filters"))) if (value) params.set(name, value);
   const data = await api("GET", `/admin/api/logs?${params}`);
-  table($("#logs"), ["When", "Request id", "Key", "Model", { label: "Tokens", num: 1 }, { label: "Cost (sats)", num: 1 },
-    "Status", { label: "Latency", num: 1 }], data.logs.map((r) => el("tr", {},
+  table($("#logs"), ["When", "Request id", "Key", "Model", "Provider", { label: "Tries", num: 1 }, { label: "Tokens", num: 1 },
+    { label: "Cost (sats)", num: 1 }, "Status", { label: "Latency", num: 1 }], data.logs.map((r) => el("tr", {},
     el("td", {}, r.timestamp.slice(0, 19).replace("T", " ")), el("td", {}, r.request_id), el("td", {}, r.key_hash_prefix),
-    el("td", {}, r.model), el("td", { class: "num" }, r.prompt_tokens + r.completion_tokens),
+    el("td", {}, r.model), el("td", {}, r.provider || "—"), el("td", { class: "num" }, r.attempts),
+    el("td", { class: "num" }, r.prompt_tokens + r.completion_tokens),
     el("td", { class: "num" }, sats(r.cost_msats)),
     el("td", { class: r.status >= 400 ? "status-bad" : "status-ok" }, r.status), el("td", { class: "num" }, `${r.latency_ms} ms`))));
 }
