@@ -129,20 +129,20 @@ async def test_withdraw_takes_only_the_operators_share_idempotently(make_node, h
     async with http.get(f"{node.url}/v1/balance/create",
                         params={"initial_balance_token": await client_wallet.token(40)}) as response:  # fmt: skip
         key = (await response.json())["api_key"]
-    request_ids = [await paid_call(http, node, key) for _ in range(4)]
+    request_ids = [await paid_call(http, node, key) for _ in range(8)]
 
     async def owner_balance():
         status, rows = await call(http, "GET", f"{node.url}/admin/api/balances", token)
         assert status == 200
         row = rows[0]
-        return row if row["owner_balance"] >= 4000 else None
+        return row if row["owner_balance"] >= 8000 else None
 
     before = await wait_for(owner_balance)
     assert before["wallet_balance"] == 40_000 and before["mint_url"] == node.settings.cashu_mints[0]
     assert before["user_balance"] + before["owner_balance"] == 40_000
 
     # More than the operator's share: refused, nothing moved.
-    status, body = await call(http, "POST", f"{node.url}/admin/withdraw", token, json={"amount": 30, "unit": "sat"},
+    status, body = await call(http, "POST", f"{node.url}/admin/withdraw", token, json={"amount": 60, "unit": "sat"},
                               headers={"Idempotency-Key": "too-much-1"})  # fmt: skip
     assert status == 400 and "operator's share" in body["detail"]
     assert (await call(http, "POST", f"{node.url}/admin/withdraw", token, json={"amount": -1}))[0] == 400
@@ -154,13 +154,21 @@ async def test_withdraw_takes_only_the_operators_share_idempotently(make_node, h
     assert again == (200, first)  # a retry returns the same token, moves nothing twice
     assert await client_wallet.receive(first["token"]) == 3
 
+    # Concurrent withdrawals (distinct keys), each within the share but not together: one wins.
+    async def attempt(i: int):
+        headers = {"Idempotency-Key": f"race-{i}-{uuid.uuid4()}"}
+        return await call(http, "POST", f"{node.url}/admin/withdraw", token, json={"amount": 3}, headers=headers)
+
+    raced = await asyncio.gather(*(attempt(i) for i in range(5)))
+    assert sorted(status for status, _ in raced) == [200, 400, 400, 400, 400], raced
+
     status, rows = await call(http, "GET", f"{node.url}/admin/api/balances", token)
-    assert rows[0]["wallet_balance"] == 37_000 and rows[0]["owner_balance"] == before["owner_balance"] - 3000
+    assert rows[0]["wallet_balance"] == 34_000 and rows[0]["owner_balance"] == before["owner_balance"] - 6000
     result = await reconcile(node.settings.nats_url)
     assert result.difference_msat == 0 and result.covered, result
 
     status, ledger = await call(http, "GET", f"{node.url}/admin/api/transactions?type=withdraw", token)
-    assert status == 200 and ledger["total"] == 1 and ledger["transactions"][0]["amount"] == 3000
+    assert status == 200 and ledger["total"] == 2 and ledger["transactions"][0]["amount"] == 3000
     assert ledger["transactions"][0]["from_account"] == "revenue"
 
     # The request log: one row per paid call, no key, found by request id; aggregates over it.
@@ -170,15 +178,15 @@ async def test_withdraw_takes_only_the_operators_share_idempotently(make_node, h
     assert row["model"] and row["status"] == 200 and row["cost_msats"] > 0 and row["latency_ms"] >= 0
     assert key not in str(logs) and row["key_hash_prefix"] and len(row["key_hash_prefix"]) == 8
     status, summary = await call(http, "GET", f"{node.url}/admin/api/usage/summary?hours=1", token)
-    assert summary["total_requests"] == 4 and summary["failed_requests"] == 0
+    assert summary["total_requests"] == 8 and summary["failed_requests"] == 0
     assert summary["revenue_msats"] == before["owner_balance"]
     status, by_model = await call(http, "GET", f"{node.url}/admin/api/usage/revenue-by-model?hours=24", token)
-    assert sum(m["requests"] for m in by_model["models"]) == 4
+    assert sum(m["requests"] for m in by_model["models"]) == 8
     status, dashboard = await call(http, "GET", f"{node.url}/admin/api/usage/dashboard?hours=24", token)
-    assert sum(h["requests"] for h in dashboard["hourly"]) == 4
+    assert sum(h["requests"] for h in dashboard["hourly"]) == 8
     assert (await call(http, "GET", f"{node.url}/admin/api/usage/error-details?hours=9000", token))[0] == 400
     status, keys = await call(http, "GET", f"{node.url}/admin/api/temporary-balances", token)
-    assert keys["total"] == 1 and keys["balances"][0]["total_requests"] == 4
+    assert keys["total"] == 1 and keys["balances"][0]["total_requests"] == 8
 
 
 async def test_model_edits_reach_every_gateway_live(make_node, http):

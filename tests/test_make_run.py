@@ -73,11 +73,13 @@ def test_make_run_brings_up_a_working_node_and_stops_everything(tmp_path: Path, 
 
 
 def test_every_service_lists_its_commands():
-    for service, commands in (("billing", ("serve", "migrate", "create-key", "reconcile", "admin-token")),
-                              ("gateway", ("serve", "openapi")), ("wallet", ("serve", "migrate")),
-                              ("discovery", ("serve", "migrate"))):  # fmt: skip
-        shown = subprocess.run([sys.executable, "-m", f"services.{service}", "--help"], cwd=REPO,
-                               capture_output=True, text=True, timeout=60)  # fmt: skip
-        assert shown.returncode == 0, shown.stderr
+    expected = {"billing": ("serve", "migrate", "create-key", "reconcile", "admin-token"),
+                "gateway": ("serve", "openapi"), "wallet": ("serve", "migrate"), "discovery": ("serve", "migrate")}
+    shown = {service: subprocess.Popen([sys.executable, "-m", f"services.{service}", "--help"], cwd=REPO,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for service in expected}  # fmt: skip
+    for service, commands in expected.items():
+        out, err = shown[service].communicate(timeout=60)
+        assert shown[service].returncode == 0, err
         for command in commands:
-            assert command in shown.stdout, (service, command)
+            assert command in out, (service, command)
