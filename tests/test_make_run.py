@@ -73,8 +73,12 @@ def test_make_run_brings_up_a_working_node_and_stops_everything(tmp_path: Path, 
 
 
 def test_every_service_lists_its_commands():
-    expected = {"billing": ("serve", "migrate", "create-key", "reconcile", "admin-token"),
-                "gateway": ("serve", "openapi"), "wallet": ("serve", "migrate"), "discovery": ("serve", "migrate")}
+    expected = {
+        "billing": ("serve", "migrate", "create-key", "reconcile", "admin-token"),
+        "gateway": ("serve", "openapi"),
+        "wallet": ("serve", "migrate"),
+        "discovery": ("serve", "migrate"),
+    }
     shown = {service: subprocess.Popen([sys.executable, "-m", f"services.{service}", "--help"], cwd=REPO,
                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for service in expected}  # fmt: skip
