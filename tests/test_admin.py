@@ -4,10 +4,12 @@ request log and its aggregates, live model edits and settings. Real NATS, Postgr
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 
 from services.billing import app as billing_app
 from tests.support.keys import reconcile
+from tests.test_discovery import relay  # noqa: F401 (a fixture)
 from tests.test_gateway import CHAT, auth
 from tests.test_wallet import lnurl_service  # noqa: F401 (a fixture)
 
@@ -189,8 +191,9 @@ async def test_withdraw_takes_only_the_operators_share_idempotently(make_node, h
     assert keys["total"] == 1 and keys["balances"][0]["total_requests"] == 8
 
 
-async def test_model_edits_reach_every_gateway_live(make_node, http):
-    node = await make_node(("billing", "gateway"), ADMIN_PASSWORD=PASSWORD)
+async def test_model_edits_reach_every_gateway_and_the_announcement_live(make_node, http, relay):  # noqa: F811
+    node = await make_node(("billing", "discovery", "gateway"), ADMIN_PASSWORD=PASSWORD, RELAYS=relay.url,
+                           HTTP_URL="https://node.example")  # fmt: skip
     other = await make_node(("gateway",), ADMIN_PASSWORD=PASSWORD)
     token = await login(http, node.url)
     for gateway in (node, other):  # warm both caches first
@@ -224,6 +227,12 @@ async def test_model_edits_reach_every_gateway_live(make_node, http):
         return "openai/gpt-4o" not in await listed(other)
 
     await wait_for(gone)
+
+    def announced(events) -> set[str]:
+        content = json.loads(events[0].content()) if len(events) == 1 else {}
+        return {m["id"] for m in content.get("models", [])}
+
+    await relay.wait_for(lambda evs: "openai/gpt-4o-mini" in announced(evs) and "openai/gpt-4o" not in announced(evs))
     status, body = await call(http, "DELETE", path, token)
     assert status == 200 and body["deleted_id"] == "openai/gpt-4o"
 
