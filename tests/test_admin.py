@@ -7,6 +7,8 @@ import asyncio
 import json
 import uuid
 
+import asyncpg
+
 from services.billing import app as billing_app
 from tests.support.keys import reconcile
 from tests.test_discovery import relay  # noqa: F401 (a fixture)
@@ -105,6 +107,20 @@ async def test_sessions_cli_tokens_password_rotation_and_replicas(make_node, htt
         assert response.status == 429 and int(response.headers["Retry-After"]) > 0
     await login(http, url, "n" * 12)  # another address is not locked out
 
+    # An expired token is refused like a revoked one.
+    status, expiring = await call(http, "POST", f"{url}/admin/api/cli-tokens", token, json={"name": "short"})
+    assert (await call(http, "GET", f"{url}/admin/api/balances", expiring["token"]))[0] == 200
+    conn = await asyncpg.connect(node.settings.database_url)
+    try:
+        await conn.execute("UPDATE billing.admin_tokens SET expires_at = now() - interval '1 second' WHERE id = $1",
+                           expiring["id"])  # fmt: skip
+        stored = await conn.fetchval("SELECT string_agg(token_hash, ' ') FROM billing.admin_tokens")
+    finally:
+        await conn.close()
+    assert await call(http, "GET", f"{other.url}/admin/api/balances", expiring["token"]) == (
+        403, {"detail": "Unauthorized"})  # fmt: skip
+    assert expiring["token"] not in stored and token not in stored  # only hashes are kept
+
     # Logout revokes the session on every replica.
     assert await call(http, "POST", f"{url}/admin/api/logout", token) == (200, {"ok": True})
     assert (await call(http, "GET", f"{other.url}/admin/api/settings", token))[0] == 403
@@ -189,6 +205,16 @@ async def test_withdraw_takes_only_the_operators_share_idempotently(make_node, h
     assert (await call(http, "GET", f"{node.url}/admin/api/usage/error-details?hours=9000", token))[0] == 400
     status, keys = await call(http, "GET", f"{node.url}/admin/api/temporary-balances", token)
     assert keys["total"] == 1 and keys["balances"][0]["total_requests"] == 8
+
+    # The wallet down: a withdrawal is refused with 503 and Retry-After, and nothing moves.
+    await node.runners.pop(1).cleanup()  # services start in CORE's order: billing, wallet, gateway
+    async with http.post(f"{node.url}/admin/withdraw", json={"amount": 1}, headers={
+            **auth(token), "Idempotency-Key": f"down-{uuid.uuid4()}"}) as response:  # fmt: skip
+        assert response.status == 503 and response.headers["Retry-After"]
+    status, ledger = await call(http, "GET", f"{node.url}/admin/api/transactions?type=withdraw", token)
+    assert ledger["total"] == 2
+    status, rows = await call(http, "GET", f"{node.url}/admin/api/balances", token)
+    assert status == 200 and rows[0]["error"]
 
 
 async def test_model_edits_reach_every_gateway_and_the_announcement_live(make_node, http, relay):  # noqa: F811
