@@ -295,12 +295,12 @@ async def test_revenue_above_the_threshold_is_paid_to_the_lightning_address(
     make_node,
     http,
     client_wallet,
-    mint,
+    fee_mint,
     lnurl_service,  # noqa: F811 (the fixture imported above)
     monkeypatch,
 ):
     monkeypatch.setattr(billing_app, "ADMIN_EVERY", 0.3)
-    address, quotes = await lnurl_service(mint.url)
+    address, quotes = await lnurl_service(fee_mint.url)  # another mint's invoice: a real outgoing payment
     node = await make_node(CORE, ADMIN_PASSWORD=PASSWORD, RECEIVE_LN_ADDRESS=address, PAYOUT_THRESHOLD_SATS="2",
                            **PRICES)  # fmt: skip
     token = await login(http, node.url)

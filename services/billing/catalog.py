@@ -249,7 +249,8 @@ class Catalog:
                 for p, model, price, _, _ in priced
             )  # fmt: skip
             _, model, price, usd, _ = priced[0]
-            entries.append(self._entry(model, price, usd, routes, ""))
+            aliases = [a for _, m, _, _, _ in found for a in (*m.get("aliases", ()), *m.get("alias_ids", ()))]
+            entries.append(self._entry({**model, "aliases": aliases, "alias_ids": []}, price, usd, routes, ""))
         return tuple(sorted(entries, key=lambda e: e.id))
 
     def _entry(self, model: dict, price: bus.Price, usd: dict[str, Decimal], routes: tuple[bus.Route, ...],

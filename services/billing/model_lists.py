@@ -13,19 +13,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 
-from services.billing.providers import ANTHROPIC_VERSION, Provider
+from services.billing.providers import Provider
+from shared.upstream_auth import auth_headers
 
 log = logging.getLogger(__name__)
 TIMEOUT = aiohttp.ClientTimeout(total=10)
-
-
-def auth_headers(provider_type: str, key: str, api_version: str | None = None) -> dict[str, str]:
-    """The provider's own auth: Anthropic's `x-api-key` + `anthropic-version`, everyone else's Bearer."""
-    if not key:
-        return {}
-    if provider_type == "anthropic":
-        return {"x-api-key": key, "anthropic-version": api_version or ANTHROPIC_VERSION}
-    return {"Authorization": f"Bearer {key}"}
 
 
 async def fetch_models(session: aiohttp.ClientSession, provider: Provider, key: str) -> list[dict] | None:

@@ -49,7 +49,6 @@ PROVIDER_TYPES: dict[str, ProviderType] = {
 }
 LOCAL_TYPES = frozenset({"ollama", "vllm"})  # the operator's own hardware: priced by the operator only
 KEYED_TYPES = frozenset({"openai", "anthropic", "openrouter"})  # these refuse calls without a key
-ANTHROPIC_VERSION = "2023-06-01"  # anthropic-version header when a provider sets no api_version
 _SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
