@@ -279,7 +279,8 @@ async def test_models_are_the_union_priced_out_of_the_box(node, http, stubs):
     assert stubs["c"].hits == 1
 
 
-async def test_failover_charges_once_at_the_answering_provider_and_cools_the_failing_one(node, http, stubs):
+async def test_failover_charges_once_at_the_answering_provider_and_cools_the_failing_one(node, http, stubs, caplog):
+    caplog.set_level("DEBUG")
     a, b = stubs["a"], stubs["b"]
     key = await funded_key(node.settings.nats_url, 10_000_000)
     balance = 10_000_000
@@ -336,6 +337,7 @@ async def test_failover_charges_once_at_the_answering_provider_and_cools_the_fai
     assert 'routstr_provider_failovers_total{provider="a"} 5.0' in metrics
     assert 'routstr_provider_up{provider="b"} 1.0' in metrics
     assert "key-a" not in metrics and a.url not in metrics
+    assert "provider a failed" in caplog.text and not any(k in caplog.text for k in ("key-a", "key-b"))
 
     a.behave(fail=503)
     b.behave(fail=503)
@@ -363,7 +365,7 @@ async def test_anthropic_messages_natively_priced_by_anthropic_usage(node, http,
     key = await funded_key(node.settings.nats_url, 10_000_000)
     body = {"model": "claude-sonnet-4-5", "max_tokens": 50,
             "messages": [{"role": "user", "content": "hi [[tokens:9]] [[cacheread:100]]"}]}  # fmt: skip
-    headers = {"x-api-key": "not-forwarded", **auth(key)}
+    headers = {"x-api-key": "not-forwarded", **auth(key)}  # Bearer wins; the stub refuses any key but its own
     async with http.post(f"{node.url}/v1/messages", json=body, headers=headers) as response:
         assert response.status == 200, await response.text()
         answer = await response.json()
@@ -384,6 +386,10 @@ async def test_anthropic_messages_natively_priced_by_anthropic_usage(node, http,
     assert "event: message_delta" in text and '"output_tokens": 9' in text  # passed through, not held back
     assert await spendable(http, node, key) == balance - expected
     assert stubs["d"].hits == 2
+    anthropic_sdk = {"x-api-key": key, "anthropic-version": "2023-06-01"}  # how Anthropic's SDKs authenticate
+    async with http.post(f"{node.url}/v1/messages", json=body, headers=anthropic_sdk) as response:
+        assert response.status == 200, await response.text()
+    assert await spendable(http, node, key) == balance - 2 * expected and stubs["d"].hits == 3
     status, _, _ = await chat(http, node, key, "m-only-b")
     assert status == 200  # OpenAI-shaped calls keep their routes
     status, answer, _ = await chat(http, node, key, "claude-sonnet-4-5", "hi [[tokens:4]]")
