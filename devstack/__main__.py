@@ -23,7 +23,7 @@ from cryptography.fernet import Fernet
 
 from devstack import processes
 from shared import bus
-from shared.config import ConfigError, load_settings
+from shared.config import RUN_ENV, ConfigError, load_settings
 
 RUN_DIR = Path(".run")
 SERVICES = ("billing", "wallet", "discovery", "gateway")
@@ -70,7 +70,7 @@ def _kept_secret(path: Path, make) -> str:
 
 def _nats_credentials(folder: Path) -> dict[str, str]:
     """Each bus role's password, made once and kept in `folder/credentials.json` (0600), so a restarted
-    `make run` keeps them and an operator command can use its own (`NATS_USER=operator NATS_PASSWORD=…`)."""
+    `make run` keeps them; operator commands find the `operator` user's in `.run/env`."""
     path = folder / "credentials.json"
     if path.exists():
         kept = json.loads(path.read_text())
@@ -137,20 +137,23 @@ def main() -> int:
             subprocess.run([sys.executable, "-m", f"services.{service}", "migrate"], env=env, check=True)
         for service in SERVICES:
             log = (RUN_DIR / f"{service}.log").open("ab")
-            own = {**env, "NATS_PASSWORD": passwords[service]} if passwords else env
+            own = {**env, "NATS_USER": service, "NATS_PASSWORD": passwords[service]} if passwords else env
             children[service] = subprocess.Popen(
                 [sys.executable, "-m", f"services.{service}"], env=own, stdout=log, stderr=subprocess.STDOUT
             )
         (RUN_DIR / "state.json").write_text(json.dumps({"mints": env["CASHU_MINTS"].split(",")}))
+        # Operator commands (`python -m services.billing reconcile`, …) read this to find what was started.
+        RUN_ENV.touch(mode=0o600)
+        # They run as the bus's `operator` user (the services' own NATS_USER/NATS_PASSWORD override it).
+        operator = {"NATS_USER": "operator", "NATS_PASSWORD": passwords["operator"]} if passwords else {}
+        shared = {name: env[name] for name in ("NATS_URL", "DATABASE_URL")} | operator
+        RUN_ENV.write_text("".join(f"{name}={value}\n" for name, value in shared.items()))
         gateway = f"http://127.0.0.1:{settings.port}"
         for port in (settings.billing_port, settings.wallet_port, settings.discovery_port, settings.port):
             _wait_ready(f"http://127.0.0.1:{port}/readyz", children)  # "up" means every service answers
         print(f"\nRoutstr node is up. Gateway: {gateway}  (logs in {RUN_DIR}/; Ctrl-C stops everything)")
         upstream = env.get("UPSTREAM_BASE_URL") or f"the providers in {settings.providers_path}"
         print(f"  mints: {env['CASHU_MINTS']}\n  upstream: {upstream}")
-        if passwords:
-            print(f"  operator commands (create-key, reconcile): NATS_USER=operator NATS_URL={env['NATS_URL']}"
-                  f" NATS_PASSWORD=<'operator' in {RUN_DIR}/nats/credentials.json>")  # fmt: skip
         if not settings.cashu_mints:
             print("  a dev token: .venv/bin/python -m devstack.token 100\n", flush=True)
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
@@ -176,6 +179,7 @@ def main() -> int:
                 proc.kill()
         for service in reversed(started):
             service.stop()
+        RUN_ENV.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

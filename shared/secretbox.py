@@ -29,6 +29,7 @@ SECRET_COLUMNS = (
     ("billing.refunds", "refund_id", "token"),
     ("billing.invoices", "invoice_id", "api_key"),
     ("billing.providers", "id", "api_key"),
+    ("billing.withdrawals", "withdrawal_id", "token"),
 )
 
 
