@@ -45,7 +45,8 @@ async def test_admin_is_off_without_a_password(make_node, http):
 
 
 async def test_sessions_cli_tokens_password_rotation_and_replicas(make_node, http):
-    node = await make_node(("billing", "gateway"), ADMIN_PASSWORD=PASSWORD)
+    # The forged X-Forwarded-For below stands for a trusted proxy's: failed logins are counted per client.
+    node = await make_node(("billing", "gateway"), ADMIN_PASSWORD=PASSWORD, TRUSTED_PROXIES="127.0.0.1/32")
     other = await make_node(("gateway",), ADMIN_PASSWORD=PASSWORD)  # a second replica, same NATS and Postgres
     url = node.url
     assert await call(http, "GET", f"{url}/admin/api/balances") == (403, {"detail": "Unauthorized"})

@@ -14,7 +14,7 @@ from services.gateway import admin, balance, catalog, lightning, openapi
 from services.gateway.billing_client import BillingClient
 from services.gateway.errors import detail_error, openai_error
 from services.gateway.proxy import MODEL, REQUEST_ID, Proxy
-from services.gateway.ratelimit import RateLimiter, client_address, credential, networks
+from services.gateway.ratelimit import TRUSTED_PROXIES, RateLimiter, client_address, credential, networks
 from services.gateway.routing import Router
 from shared import bus, messaging
 from shared.config import Settings
@@ -26,7 +26,6 @@ log = logging.getLogger(__name__)
 PROXY = web.AppKey("proxy", Proxy)
 LIMITER = web.AppKey("limiter", RateLimiter)
 KEY_LIMITER = web.AppKey("key_limiter", RateLimiter)
-PROXIES = web.AppKey("trusted_proxies", tuple)
 UNLIMITED = ("/healthz", "/readyz")
 METRICS = web.AppKey("gateway_metrics", GatewayMetrics)
 
@@ -95,7 +94,7 @@ async def edge(request: web.Request, handler) -> web.StreamResponse:
 def _rate_limited(request: web.Request) -> tuple[int, str] | None:
     """(seconds to wait, "address" or "key") when the client's address or its credential is over its limit."""
     app = request.app
-    if LIMITER in app and (wait := app[LIMITER].retry_after(client_address(request, app[PROXIES]))):
+    if LIMITER in app and (wait := app[LIMITER].retry_after(client_address(request, app[TRUSTED_PROXIES]))):
         return wait, "address"
     if KEY_LIMITER in app and (key := credential(request)) and (wait := app[KEY_LIMITER].retry_after(key)):
         return wait, "key"
@@ -176,7 +175,7 @@ async def create_app(settings: Settings) -> web.Application:
     app[METRICS] = GatewayMetrics(registry)
     app[METRICS].model_label = lambda model: catalog.metric_model(app, model)
     app.cleanup_ctx.append(lambda app: serve_metrics(app, settings.host, settings.metrics_port))
-    app[PROXIES] = networks(settings.trusted_proxies)
+    app[TRUSTED_PROXIES] = networks(settings.trusted_proxies)
     if settings.rate_limit_per_minute:
         app[LIMITER] = RateLimiter(settings.rate_limit_per_minute)
     if settings.rate_limit_per_key_per_minute:

@@ -16,6 +16,7 @@ from collections import OrderedDict
 from aiohttp import web
 
 MAX_CLIENTS = 100_000  # buckets kept; the least recently seen are forgotten first
+TRUSTED_PROXIES = web.AppKey("trusted_proxies", tuple)  # the app's TRUSTED_PROXIES, as networks
 
 
 Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]

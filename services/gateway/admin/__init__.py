@@ -15,7 +15,7 @@ from aiohttp import web
 
 from services.gateway.balance import json_body
 from services.gateway.errors import detail_error
-from services.gateway.ratelimit import client_address
+from services.gateway.ratelimit import TRUSTED_PROXIES, client_address
 from shared import bus
 from shared.messaging import BusError
 from shared.messaging import request as ask
@@ -93,7 +93,7 @@ def forward(op: str):
             body = {**body, "idempotency_key": request.headers["Idempotency-Key"]}
         call = bus.AdminCall(
             op=op, token_hash=_bearer(request), body=body, query=dict(request.query),
-            params=dict(request.match_info), client=client_address(request),
+            params=dict(request.match_info), client=client_address(request, request.app.get(TRUSTED_PROXIES, ())),
         )  # fmt: skip
         try:
             answer = await ask(request.app[NC], bus.BILLING_ADMIN, call, bus.AdminAnswer, bus.MINT_TIMEOUT)
