@@ -18,6 +18,7 @@ import msgspec
 from nats.aio.client import Client as NATS
 
 from services.billing.catalog import Catalog
+from services.billing.grants import RECALL_WAIT, Grants
 from services.billing.ledger import Ledger, LedgerError, PendingRefund, _Repeat
 from shared import bus, pricing
 from shared.messaging import BusError, request
@@ -37,8 +38,12 @@ def payment_hash(invoice: str) -> str:
 
 
 class Accounts:
-    def __init__(self, ledger: Ledger, catalog: Catalog, nc: NATS, metrics: BillingMetrics, default_max_tokens: int):
+    def __init__(
+        self, ledger: Ledger, catalog: Catalog, nc: NATS, metrics: BillingMetrics, default_max_tokens: int,
+        grants: Grants,
+    ):  # fmt: skip
         self.ledger = ledger
+        self.grants = grants
         self.catalog = catalog
         self.nc = nc
         self.metrics = metrics
@@ -55,7 +60,7 @@ class Accounts:
                 case bus.Deposit():
                     return await self.deposit(message)
                 case bus.KeyQuery():
-                    return await self.ledger.key_info(message.key_hash)
+                    return await self.key_info(message.key_hash)
                 case bus.CreateKey():
                     return await self.ledger.grant(message.key_hash, message.balance_msat, message.idempotency_key)
                 case bus.Refund():
@@ -68,6 +73,10 @@ class Accounts:
                     return await self.create_invoice(message)
                 case bus.InvoiceQuery():
                     return await self.invoice_status(message)
+                case bus.CreditControl():
+                    return await self.grants.credit_control(message)
+                case bus.RateQuery():
+                    return self.rate(message)
         except LedgerError as exc:
             return exc.error
         return bus.Error("bad_message", f"billing does not answer {type(message).__name__}", 400)
@@ -77,6 +86,29 @@ class Accounts:
         completion = message.max_tokens if message.max_tokens is not None and message.max_tokens >= 0 else limit
         amount = pricing.max_cost(price, max(message.prompt_tokens, 0), completion)
         return await self.ledger.reserve(message, model, price, amount)
+
+    def rate(self, message: bus.RateQuery) -> bus.Rating:
+        """How a model is priced, for a gateway rating calls against its quota grant."""
+        model, price, limit = self.catalog.resolve(message.model)
+        return bus.Rating(model, price, limit)
+
+    async def key_info(self, key_hash: str) -> bus.KeyInfo:
+        """A key's balance with its grants called back first (briefly), so units a gateway holds but
+        has not spent show as balance, and what it spent shows as spent."""
+        await self.grants.recall(key_hash, wait=RECALL_WAIT / 2)
+        return await self.ledger.key_info(key_hash)
+
+    async def settle_grant_usage(self, batch: bus.UsageBatch) -> None:
+        """Settle a gateway's batch of calls charged to quota grants (one transaction)."""
+        charged = await self.grants.settle(batch.events)
+        now = time.time()
+        for usage in batch.events:
+            if usage.request_id not in charged:
+                continue
+            self.metrics.settlements.labels(usage.source).inc()
+            self.metrics.charged_msat.labels(usage.model).inc(charged[usage.request_id])
+            if usage.ts:
+                self.metrics.settle_lag_seconds.observe(max(now - usage.ts, 0))
 
     async def settle(self, usage: bus.Usage) -> bus.Settled:
         settled = await self.ledger.settle(usage)
@@ -105,7 +137,16 @@ class Accounts:
 
     async def refund(self, message: bus.Refund) -> bus.Refunded:
         method = "lightning" if message.lightning_address else "cashu"
-        step = await self.ledger.begin_refund(message.key_hash, method, message.lightning_address)
+        if await self.grants.open_grants(message.key_hash):
+            # Grants out on the key: no new units while gateways give theirs back and their calls settle.
+            await self.grants.block(message.key_hash, RECALL_WAIT * 2)
+            try:
+                await self.grants.recall(message.key_hash, settled=True)
+                step = await self.ledger.begin_refund(message.key_hash, method, message.lightning_address)
+            finally:
+                await self.grants.unblock(message.key_hash)
+        else:
+            step = await self.ledger.begin_refund(message.key_hash, method, message.lightning_address)
         if isinstance(step, bus.Refunded):
             return step  # a replay of the last refund
         return await self._pay(step, message.key_hash)

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from services.billing.accounts import Accounts
 from services.billing.catalog import Catalog, load_models_file
+from services.billing.grants import Grants
 from services.billing.ledger import Ledger, LedgerError
 from shared import bus, db, messaging
 from shared.config import Settings
@@ -28,7 +29,7 @@ ACCOUNTS = web.AppKey("accounts", Accounts)
 SUBJECTS = (
     bus.BILLING_RESERVE, bus.BILLING_SETTLE, bus.BILLING_DEPOSIT, bus.BILLING_KEY_INFO, bus.BILLING_CREATE_KEY,
     bus.BILLING_REFUND, bus.BILLING_MODELS, bus.BILLING_RECONCILE, bus.BILLING_INVOICE_CREATE,
-    bus.BILLING_INVOICE_STATUS,
+    bus.BILLING_INVOICE_STATUS, bus.BILLING_CREDIT_CONTROL, bus.BILLING_RATE,
 )  # fmt: skip
 CATALOG_REFRESH = 600.0  # seconds between upstream model list / rate refreshes
 SWEEP_EVERY = 5.0
@@ -55,6 +56,8 @@ async def consume_usage(nc: NATS, accounts: Accounts, stop: asyncio.Event) -> No
                     usage = bus.decode(msg.data)
                     if isinstance(usage, bus.Usage):
                         await accounts.settle(usage)
+                    elif isinstance(usage, bus.UsageBatch):
+                        await accounts.settle_grant_usage(usage)
                     await msg.ack()
                 except LedgerError as exc:
                     log.error("usage event dropped: %s", exc.error.code)
@@ -90,7 +93,8 @@ async def _resources(app: web.Application):
     session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
     ledger = Ledger(pool)
     catalog = Catalog(settings, pool, session)
-    accounts = Accounts(ledger, catalog, nc, metrics, settings.default_max_tokens)
+    grants = Grants(pool, nc, settings.quota_validity_time)
+    accounts = Accounts(ledger, catalog, nc, metrics, settings.default_max_tokens, grants)
     app[ACCOUNTS] = accounts
     await catalog.refresh()
     responder = messaging.Responder(nc, "billing")
@@ -107,6 +111,7 @@ async def _resources(app: web.Application):
         if expired:
             metrics.reservations_expired.inc(expired)
             log.warning("released %d reservations whose usage never came", expired)
+        await grants.expire()
 
     async def gauges() -> None:
         metrics.reservations_open.set(await ledger.open_reservations())
@@ -120,7 +125,9 @@ async def _resources(app: web.Application):
     stop = asyncio.Event()
     tasks = [
         asyncio.create_task(consume_usage(nc, accounts, stop)),
-        asyncio.create_task(every(min(SWEEP_EVERY, settings.reservation_ttl / 2), sweep, stop)),
+        asyncio.create_task(
+            every(min(SWEEP_EVERY, settings.reservation_ttl / 2, settings.quota_validity_time / 4), sweep, stop)
+        ),
         asyncio.create_task(every(GAUGES_EVERY, gauges, stop)),
         asyncio.create_task(every(CATALOG_REFRESH, refresh_catalog, stop)),
     ]

@@ -129,13 +129,15 @@ async def _resources(app: web.Application) -> None:
         connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=300),
         auto_decompress=True,
     )
-    billing = BillingClient(nc, nc.jetstream())
+    billing = BillingClient(nc, nc.jetstream(), hold_ttl=float(settings.upstream_timeout + 60))
+    await billing.start()
     proxy = Proxy(settings, session, billing, app[METRICS], lambda: catalog.usd_per_msat(app))
     app[PROXY] = proxy
     app[balance.BALANCE] = balance.BalanceAPI(billing)
     app[lightning.LIGHTNING] = lightning.LightningAPI(nc)
     yield
     await proxy.drain()
+    await billing.close()
     await session.close()
     await nc.drain()
 
