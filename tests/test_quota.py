@@ -8,6 +8,7 @@ holding money no longer than the validity time.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 import signal
 import time
@@ -70,9 +71,15 @@ async def key_state(nats_url: str, key_hash: str) -> bus.KeyInfo:
         await nc.drain()
 
 
-def hash_of(key: str) -> str:
-    import hashlib
+async def eventually(condition, timeout: float = 30) -> None:
+    for _ in range(int(timeout / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"not reached in {timeout:g} s")
 
+
+def hash_of(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
@@ -103,9 +110,7 @@ async def test_a_lost_grant_answer_holds_money_no_longer_than_the_validity_time(
     assert result.difference_msat == 0, result
 
 
-async def test_refund_during_load_returns_all_not_spent_and_a_top_up_is_usable_at_once(
-    make_node, http, client_wallet
-):
+async def test_refund_during_load_returns_all_not_spent_and_a_top_up_is_usable_at_once(make_node, http, client_wallet):
     node = await make_node(("billing", "wallet", "gateway"), **PRICES)
     token = await client_wallet.token(300)
     async with http.post(f"{node.url}/v1/balance/create", json={"initial_balance_token": token}) as response:
@@ -120,13 +125,11 @@ async def test_refund_during_load_returns_all_not_spent_and_a_top_up_is_usable_a
                 statuses.append(response.status)
 
     workers = [asyncio.ensure_future(load()) for _ in range(8)]
-    while statuses.count(200) < 40:
-        await asyncio.sleep(0.02)
+    await eventually(lambda: statuses.count(200) >= 40)
     async with http.post(f"{node.url}/v1/balance/refund", headers=auth(key)) as response:
         assert response.status == 200, await response.text()
         refund = await response.json()
-    while statuses[-1] != 402:  # the load runs on until the key is empty
-        await asyncio.sleep(0.02)
+    await eventually(lambda: statuses[-1] == 402)  # the load runs on until the key is empty
     top = await client_wallet.token(5)
     async with http.post(f"{node.url}/v1/balance/topup", json={"cashu_token": top}, headers=auth(key)) as response:
         assert response.status == 200, await response.text()
@@ -221,7 +224,8 @@ async def test_kill_9_of_a_gateway_under_load_charges_every_answered_call_once(c
             try:
                 async with http.post(f"{doomed.url}{CHAT}", json=body, headers=auth(key)) as response:
                     text = await response.text()
-                    complete = response.status == 200 and (not body.get("stream") or sse_events(text)[-1] == "[DONE]")
+                    whole = not body.get("stream") or sse_events(text)[-1] == "[DONE]"
+                    complete = response.status == 200 and whole
             except (aiohttp.ClientError, IndexError):
                 complete = False
             if complete:
@@ -232,8 +236,7 @@ async def test_kill_9_of_a_gateway_under_load_charges_every_answered_call_once(c
 
     async with aiohttp.ClientSession() as http:
         workers = [asyncio.ensure_future(load(http, i)) for i in range(16)]
-        while answered < 150:
-            await asyncio.sleep(0.01)
+        await eventually(lambda: answered >= 150)
         doomed.process.send_signal(signal.SIGKILL)
         killed_at = time.monotonic()
         await asyncio.sleep(0.5)

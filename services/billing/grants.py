@@ -55,9 +55,7 @@ class Grants:
         if outcome == "unknown_key":
             raise LedgerError(fail("unknown_key", "Invalid API key: no such key", 401))
         if outcome == "insufficient":
-            message = (
-                f"Insufficient balance: {ccr.minimum_msat} msat required, {row['spendable']} msat available"
-            )
+            message = f"Insufficient balance: {ccr.minimum_msat} msat required, {row['spendable']} msat available"
             raise LedgerError(fail("insufficient_balance", message, 402))
         if outcome == "recalling":
             raise LedgerError(fail("refund_pending", "A refund of this key is under way", 425, 1))
@@ -89,7 +87,8 @@ class Grants:
                 strict=True,
             ):
                 column.append(value)
-        rows = await self.pool.fetch("SELECT * FROM billing.settle_grant_usage($1, $2, $3, $4, $5, $6, $7, $8)", *columns)
+        query = "SELECT * FROM billing.settle_grant_usage($1, $2, $3, $4, $5, $6, $7, $8)"
+        rows = await self.pool.fetch(query, *columns)
         return {row["request_id"]: row["charged_msat"] for row in rows}
 
     async def open_grants(self, key_hash: str) -> int:
