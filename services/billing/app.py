@@ -51,13 +51,11 @@ async def consume_usage(nc: NATS, accounts: Accounts, stop: asyncio.Event) -> No
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), 1)
                 continue
-            for msg in messages:
+            for msg in await _settle_batches(accounts, messages):
                 try:
                     usage = bus.decode(msg.data)
                     if isinstance(usage, bus.Usage):
                         await accounts.settle(usage)
-                    elif isinstance(usage, bus.UsageBatch):
-                        await accounts.settle_grant_usage(usage)
                     await msg.ack()
                 except LedgerError as exc:
                     log.error("usage event dropped: %s", exc.error.code)
@@ -68,6 +66,38 @@ async def consume_usage(nc: NATS, accounts: Accounts, stop: asyncio.Event) -> No
     finally:
         # nats-py: drain() hangs after a timed-out fetch unless the pull subscription is gone first.
         await sub.unsubscribe()
+
+
+async def _settle_batches(accounts: Accounts, messages: list) -> list:
+    """Settle every `UsageBatch` among `messages` in one transaction, acked once it committed (one by
+    one if that fails); return the other messages."""
+    batches, others = [], []
+    for msg in messages:
+        try:
+            decoded = bus.decode(msg.data)
+        except Exception:
+            decoded = None
+        if isinstance(decoded, bus.UsageBatch):
+            batches.append((msg, decoded))
+        else:
+            others.append(msg)
+    if not batches:
+        return others
+    try:
+        await accounts.settle_grant_usage(bus.UsageBatch(tuple(e for _, batch in batches for e in batch.events)))
+    except Exception:
+        log.exception("usage batches not settled together; trying one by one")
+        for msg, batch in batches:
+            try:
+                await accounts.settle_grant_usage(batch)
+                await msg.ack()
+            except Exception:
+                log.exception("usage batch not settled; it will be redelivered")
+                await msg.nak(delay=2)
+        return others
+    for msg, _ in batches:
+        await msg.ack()
+    return others
 
 
 async def every(seconds: float, work, stop: asyncio.Event) -> None:

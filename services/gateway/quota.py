@@ -62,6 +62,8 @@ class Grant:
     active: bool = True  # False once recalled or closed: only its calls in flight end on it
     closed: bool = False  # terminated (or expired) in billing: no request on it any more
     unanswered: bus.CreditControl | None = None  # a request whose answer never came, to send again
+    asked: int = 0  # msat asked for by the last request for units
+    final_unit: bool = False  # billing said it cannot grant more than it did (Final-Unit-Indication)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one Credit-Control-Request at a time
 
     @property
@@ -117,6 +119,8 @@ class Quota:
         """
         grant = self.active.get(key_hash)
         if grant is not None and grant.hold(amount, time.monotonic()):
+            if grant.available < grant.asked // 4 and not grant.lock.locked() and not grant.final_unit:
+                self._spawn(self._refill(grant, amount))  # ask for more before calls have to wait for it
             return grant
         lock = self.locks.setdefault(key_hash, asyncio.Lock())
         async with lock:
@@ -129,7 +133,7 @@ class Quota:
                 grant = Grant(uuid.uuid4().hex, key_hash)
                 self.active[key_hash] = grant
             try:
-                await self._request(grant, requested=max(amount * GRANT_CALLS, amount), minimum=amount)
+                await self._request(grant, requested=amount * GRANT_CALLS, minimum=amount)
             except BusError as exc:
                 if exc.error.code == "insufficient_balance":
                     raise _insufficient(amount, grant.remaining_balance) from None
@@ -137,6 +141,10 @@ class Quota:
             if not grant.hold(amount, time.monotonic()):
                 raise _insufficient(amount, grant.remaining_balance)
             return grant
+
+    async def _refill(self, grant: Grant, amount: int) -> None:
+        with contextlib.suppress(BusError):
+            await self._request(grant, requested=amount * GRANT_CALLS, minimum=amount)
 
     def end(self, grant: Grant, held: int, cost: int | None) -> int:
         """A call on `grant` ended: charge `cost` msat (None: release unpriced); return the charge."""
@@ -210,6 +218,9 @@ class Quota:
                     return
                 raise _insufficient(minimum, grant.remaining_balance)
             returned = min(returned, max(grant.available, 0))
+            if requested and grant.available >= requested // 4:
+                return  # a request in flight already refilled it
+            grant.asked = requested or grant.asked
             grant.request_number += 1
             grant.returned += returned
             grant.unanswered = bus.CreditControl(
@@ -230,6 +241,7 @@ class Quota:
         grant.granted += answer.granted_msat
         grant.balance = answer.balance_msat
         grant.validity_time = answer.validity_time
+        grant.final_unit = answer.final_unit and ccr.requested_msat > 0
         if answer.closed or ccr.final:
             grant.active, grant.closed, grant.deadline = False, True, 0.0
         else:
