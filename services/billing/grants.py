@@ -20,13 +20,94 @@ from collections.abc import Sequence
 import asyncpg
 from nats.aio.client import Client as NATS
 
-from services.billing.ledger import LedgerError, fail
+from services.billing.ledger import REVENUE, LedgerError, fail
+from services.billing.ledger import held as held_account
+from services.billing.ledger import user as user_account
 from shared import bus, pricing
 
 log = logging.getLogger(__name__)
 
 RECALL_WAIT = 2.0  # seconds a refund or balance query waits for gateways to give grants back
 RECALL_POLL = 0.02  # seconds between looks at the grants table while waiting
+
+
+class _Batch:
+    """One settlement batch worked out in memory from the locked rows, then written in four statements."""
+
+    def __init__(self, grants: dict[str, tuple[str, int]], free: dict[str, int], settled: set[str]):
+        self.grants = grants  # grant_id -> (key_hash, held msat)
+        self.free = free  # key_hash -> msat neither held nor reserved
+        self.settled = settled
+        self.charged: dict[str, int] = {}
+        self.from_held: dict[str, int] = {}  # grant_id -> msat taken from its hold
+        self.keys: dict[str, list[int]] = {}  # key_hash -> [charged, from holds, requests]
+        self.settlements: list[tuple] = []
+        self.ledger: list[tuple] = []
+
+    def add(self, usage: bus.Usage) -> None:
+        if usage.request_id in self.settled or usage.key_hash not in self.free:
+            return
+        self.settled.add(usage.request_id)
+        if usage.source == "failed" or usage.price is None:
+            base = input_msat = total = 0
+        else:
+            base, input_msat, _, total = pricing.cost(
+                usage.price, usage.prompt_tokens, usage.completion_tokens, usage.cache_read_tokens,
+                usage.cache_write_tokens,
+            )  # fmt: skip
+        owner, held = self.grants.get(usage.grant_id, (usage.key_hash, 0))
+        held = held if owner == usage.key_hash else 0
+        charge = min(total, held + self.free[usage.key_hash])
+        from_held = min(charge, held)
+        if from_held:
+            self.grants[usage.grant_id] = (owner, held - from_held)
+            self.from_held[usage.grant_id] = self.from_held.get(usage.grant_id, 0) + from_held
+        self.free[usage.key_hash] -= charge - from_held
+        totals = self.keys.setdefault(usage.key_hash, [0, 0, 0])
+        totals[0] += charge
+        totals[1] += from_held
+        totals[2] += usage.source != "failed"
+        base = min(base, charge)  # parts shrink when the charge was capped, as billing.settle does
+        input_msat = min(input_msat, charge - base)
+        self.settlements.append((usage.request_id, usage.key_hash, usage.source, charge, base, input_msat,
+                                 charge - base - input_msat, self.free[usage.key_hash]))  # fmt: skip
+        for prefix, debit, amount in (("settle", held_account(usage.key_hash), from_held),
+                                      ("settle-over", user_account(usage.key_hash), charge - from_held)):  # fmt: skip
+            if amount:
+                self.ledger.append((f"{prefix}:{usage.request_id}", debit, amount, usage.key_hash))
+        self.charged[usage.request_id] = charge
+
+    async def write(self, conn: asyncpg.Connection) -> None:
+        if not self.settlements:
+            return
+        if self.from_held:
+            await conn.execute(
+                "UPDATE billing.grants g SET held_msat = g.held_msat - d.amount,"
+                " settled_msat = g.settled_msat + d.amount FROM unnest($1::text[], $2::bigint[]) AS d(grant_id, amount)"
+                " WHERE g.grant_id = d.grant_id",
+                list(self.from_held), list(self.from_held.values()),
+            )  # fmt: skip
+        await conn.execute(
+            "UPDATE billing.keys k SET balance_msat = k.balance_msat - d.charged,"
+            " reserved_msat = k.reserved_msat - d.from_held, total_requests = k.total_requests + d.requests,"
+            " total_spent_msat = k.total_spent_msat + d.charged"
+            " FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[]) AS d(key_hash, charged, from_held,"
+            " requests) WHERE k.key_hash = d.key_hash",
+            list(self.keys), *([totals[i] for totals in self.keys.values()] for i in range(3)),
+        )  # fmt: skip
+        await conn.execute(
+            "INSERT INTO billing.settlements (request_id, key_hash, source, cost_msat, base_msat, input_msat,"
+            " output_msat, balance_msat) SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[],"
+            " $5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[])",
+            *map(list, zip(*self.settlements, strict=True)),
+        )  # fmt: skip
+        if self.ledger:
+            await conn.execute(
+                "INSERT INTO billing.ledger (idempotency_key, kind, debit, credit, amount_msat, key_hash)"
+                " SELECT d.k, 'settle', d.debit, $5, d.amount, d.key_hash"
+                " FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[]) AS d(k, debit, amount, key_hash)",
+                *map(list, zip(*self.ledger, strict=True)), REVENUE,
+            )  # fmt: skip
 
 
 class Grants:
@@ -70,26 +151,34 @@ class Grants:
 
         Each call's cost is `shared.pricing.cost` at the price the gateway charged it at (echoed in
         the event), taken from its grant's hold, then from the key's free balance, never below zero.
-        Returns {request_id: msat charged} for the events this call settled (repeats are left out).
+        The rows are locked (grants, then keys, each in sorted order, so concurrent batches cannot
+        deadlock) before the settled request ids are read, so a batch another replica settles at the
+        same time is seen whole. Returns {request_id: msat charged} for the calls this call settled.
         """
-        columns: list[list] = [[], [], [], [], [], [], [], []]
-        for usage in events:
-            if usage.source == "failed" or usage.price is None:
-                base = input_msat = output_msat = total = 0
-            else:
-                base, input_msat, output_msat, total = pricing.cost(
-                    usage.price, usage.prompt_tokens, usage.completion_tokens, usage.cache_read_tokens,
-                    usage.cache_write_tokens,
-                )  # fmt: skip
-            for column, value in zip(
-                columns,
-                (usage.request_id, usage.key_hash, usage.grant_id, usage.source, base, input_msat, output_msat, total),
-                strict=True,
-            ):
-                column.append(value)
-        query = "SELECT * FROM billing.settle_grant_usage($1, $2, $3, $4, $5, $6, $7, $8)"
-        rows = await self.pool.fetch(query, *columns)
-        return {row["request_id"]: row["charged_msat"] for row in rows}
+        grant_ids = sorted({usage.grant_id for usage in events})
+        key_hashes = sorted({usage.key_hash for usage in events})
+        async with self.pool.acquire() as conn, conn.transaction():
+            grants = await conn.fetch(
+                "SELECT grant_id, key_hash, held_msat FROM billing.grants WHERE grant_id = ANY($1)"
+                " ORDER BY grant_id FOR UPDATE", grant_ids,
+            )  # fmt: skip
+            keys = await conn.fetch(
+                "SELECT key_hash, balance_msat - reserved_msat AS free FROM billing.keys WHERE key_hash = ANY($1)"
+                " ORDER BY key_hash FOR UPDATE", key_hashes,
+            )  # fmt: skip
+            done = await conn.fetch(
+                "SELECT request_id FROM billing.settlements WHERE request_id = ANY($1)",
+                [usage.request_id for usage in events],
+            )
+            batch = _Batch(
+                {row["grant_id"]: (row["key_hash"], row["held_msat"]) for row in grants},
+                {row["key_hash"]: row["free"] for row in keys},
+                {row["request_id"] for row in done},
+            )
+            for usage in events:
+                batch.add(usage)
+            await batch.write(conn)
+        return batch.charged
 
     async def open_grants(self, key_hash: str) -> int:
         return await self.pool.fetchval(
