@@ -17,6 +17,7 @@ import uuid
 import aiohttp
 import pytest
 
+from services.billing.grants import _Batch
 from services.gateway.quota import Grant
 from shared import bus, messaging
 from tests.conftest import node_env
@@ -58,6 +59,27 @@ def test_a_grant_charges_at_most_what_it_has_and_stops_at_its_deadline():
     assert not grant.hold(1, 10.0), "a grant past its validity takes no new call"
     grant.active = False
     assert not grant.hold(1, 1.0), "a recalled grant takes no new call"
+
+
+def test_a_settlement_batch_takes_from_the_hold_then_the_free_balance_and_never_below_zero():
+    price = bus.Price(request_msat=1000, completion_msat_per_m=1_000_000)  # 1000 + 1 per token
+
+    def usage(request_id: str, grant_id: str, tokens: int = 10, key: str = "k") -> bus.Usage:
+        return bus.Usage(request_id, key, "", "m", 0, tokens, price=price, grant_id=grant_id)
+
+    batch = _Batch({"g": ("k", 2500), "other": ("x", 9999)}, {"k": 1500}, {"done"})
+    for event in (usage("a", "g"), usage("b", "g"), usage("a", "g"), usage("done", "g"), usage("c", "gone"),
+                  usage("d", "other"), usage("e", "g", key="unknown")):  # fmt: skip
+        batch.add(event)
+    # a, b: 1010 each from the hold (480 left); c: no grant, 1010 from the free balance (490 left);
+    # d: another key's grant is not this key's hold: 490 left; repeats and unknown keys: nothing.
+    assert batch.charged == {"a": 1010, "b": 1010, "c": 1010, "d": 490}
+    assert batch.from_held == {"g": 2020} and batch.grants["g"] == ("k", 480)
+    assert batch.free["k"] == 0 and batch.keys["k"] == [3520, 2020, 4]
+    held = sum(amount for key, debit, amount, _ in batch.ledger if key.startswith("settle:"))
+    assert held == 2020 and sum(amount for _, _, amount, _ in batch.ledger) == 3520
+    capped = batch.settlements[-1]
+    assert capped[3:7] == (490, 490, 0, 0), "a capped charge's parts shrink with it"
 
 
 # ---- in-process node -------------------------------------------------------------------------------------------
