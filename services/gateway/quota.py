@@ -124,23 +124,26 @@ class Quota:
             return grant
         lock = self.locks.setdefault(key_hash, asyncio.Lock())
         async with lock:
-            grant = self.active.get(key_hash)
-            if grant is not None and grant.hold(amount, time.monotonic()):
-                return grant
-            if grant is None or not grant.active or time.monotonic() >= grant.deadline:
-                if grant is not None:
-                    self._retire(grant)
-                grant = Grant(uuid.uuid4().hex, key_hash)
-                self.active[key_hash] = grant
-            try:
-                await self._request(grant, requested=amount * GRANT_CALLS, minimum=amount)
-            except BusError as exc:
-                if exc.error.code == "insufficient_balance":
-                    raise _insufficient(amount, grant.remaining_balance) from None
-                raise
-            if not grant.hold(amount, time.monotonic()):
-                raise _insufficient(amount, grant.remaining_balance)
-            return grant
+            for _ in range(2):  # a second time when billing says the grant was closed meanwhile (expired)
+                grant = self.active.get(key_hash)
+                if grant is not None and grant.hold(amount, time.monotonic()):
+                    return grant
+                if grant is None or not grant.active or time.monotonic() >= grant.deadline:
+                    if grant is not None:
+                        self._retire(grant)
+                    grant = Grant(uuid.uuid4().hex, key_hash)
+                    self.active[key_hash] = grant
+                try:
+                    await self._request(grant, requested=amount * GRANT_CALLS, minimum=amount)
+                except BusError as exc:
+                    if exc.error.code == "insufficient_balance":
+                        raise _insufficient(amount, grant.remaining_balance) from None
+                    raise
+                if grant.hold(amount, time.monotonic()):
+                    return grant
+                if not grant.closed:
+                    break
+            raise _insufficient(amount, grant.remaining_balance)
 
     async def _refill(self, grant: Grant, amount: int) -> None:
         with contextlib.suppress(BusError):
@@ -214,9 +217,7 @@ class Quota:
             if grant.unanswered is not None:
                 await self._send(grant, grant.unanswered)
             if grant.closed:
-                if final:
-                    return
-                raise _insufficient(minimum, grant.remaining_balance)
+                return  # billing closed it: nothing more to ask of it
             returned = min(returned, max(grant.available, 0))
             if requested and grant.available >= requested // 4:
                 return  # a request in flight already refilled it
