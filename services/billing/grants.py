@@ -181,20 +181,22 @@ class Grants:
         return batch.charged
 
     async def open_grants(self, key_hash: str) -> int:
+        """Grants on the key still open and holding units (an empty one, refused during a refund, is not)."""
         return await self.pool.fetchval(
-            "SELECT count(*) FROM billing.grants WHERE key_hash = $1 AND state = 'open'", key_hash
+            "SELECT count(*) FROM billing.grants WHERE key_hash = $1 AND state = 'open' AND held_msat > 0", key_hash
         )
 
     async def _outstanding(self, key_hash: str) -> tuple[int, int]:
         row = await self.pool.fetchrow(
-            "SELECT (SELECT count(*) FROM billing.grants WHERE key_hash = $1 AND state = 'open') AS open,"
+            "SELECT (SELECT count(*) FROM billing.grants WHERE key_hash = $1 AND state = 'open' AND held_msat > 0)"
+            " AS open,"
             " (SELECT reserved_msat FROM billing.keys WHERE key_hash = $1) AS reserved", key_hash,
         )  # fmt: skip
         return row["open"], row["reserved"] or 0
 
     async def recall(self, key_hash: str, wait: float = RECALL_WAIT, settled: bool = False) -> bool:
         """Ask every gateway to give back its grant on `key_hash` (a Re-Auth-Request), and wait up to
-        `wait` seconds until no grant on the key is open (and, with `settled`, nothing on it is held
+        `wait` seconds until no grant on the key is open and holding units (and, with `settled`, nothing on it is held
         any more: the calls the grants paid for are settled). True when that was reached."""
         if not await self.open_grants(key_hash):
             return True
