@@ -178,7 +178,7 @@ class Quota:
         self.draining.add(grant)
         if grant.available > 0:
             with contextlib.suppress(BusError):
-                await self._request(grant, returned=grant.available)
+                await self._request(grant, give_back=True)
 
     async def _terminate(self, grant: Grant) -> None:
         """CCR-Terminate: give back every unit not charged; billing settles the charged ones from the
@@ -187,7 +187,7 @@ class Quota:
         if grant.closed or (grant.request_number == 0 and grant.unanswered is None):
             return
         try:
-            await self._request(grant, returned=max(grant.available, 0), final=True)
+            await self._request(grant, give_back=True, final=True)
         except BusError as exc:
             if exc.error.code in UNKNOWN_OUTCOME:
                 self.draining.add(grant)
@@ -205,9 +205,11 @@ class Quota:
     # ---- talking to billing -------------------------------------------------------------------
 
     async def _request(
-        self, grant: Grant, requested: int = 0, minimum: int = 0, returned: int = 0, final: bool = False
+        self, grant: Grant, requested: int = 0, minimum: int = 0, give_back: bool = False, final: bool = False
     ) -> None:
-        """One Credit-Control-Request on `grant`, applied to the local account when answered.
+        """One Credit-Control-Request on `grant`, applied to the local account when answered; with
+        `give_back`, every unit no call holds is returned (counted once the lock is ours, so an
+        answer still in flight is included).
 
         Accounting is pessimistic, so a request whose answer is lost can be retransmitted as it was
         (same CC-Request-Number; billing repeats its answer and moves nothing twice): returned units
@@ -218,7 +220,7 @@ class Quota:
                 await self._send(grant, grant.unanswered)
             if grant.closed:
                 return  # billing closed it: nothing more to ask of it
-            returned = min(returned, max(grant.available, 0))
+            returned = max(grant.available, 0) if give_back else 0
             if requested and grant.available >= requested // 4:
                 return  # a request in flight already refilled it
             grant.asked = requested or grant.asked
@@ -266,7 +268,7 @@ class Quota:
                 self._retire(grant)  # idle: give it back rather than keep the balance tied up
             else:
                 with contextlib.suppress(BusError):
-                    await self._request(grant, returned=0 if grant.active else max(grant.available, 0))
+                    await self._request(grant, give_back=not grant.active)
         for key_hash in [k for k, lock in self.locks.items() if not lock.locked() and k not in self.active]:
             del self.locks[key_hash]
 
