@@ -46,6 +46,11 @@ QUOTA_RECALL = "quota.recall"  # Recall, core NATS fan-out to every gateway (RFC
 # Events (core NATS): the catalog changed, so discovery republishes and gateways drop caches.
 EVENT_CATALOG_CHANGED = "events.catalog.changed"
 
+# Upstream providers (services/billing/providers.py owns the store). Whoever changes a provider publishes
+# EVENT_PROVIDERS_CHANGED; billing then rebuilds the catalog (and announces EVENT_CATALOG_CHANGED).
+BILLING_UPSTREAMS = "billing.upstreams"  # UpstreamsQuery -> Upstreams (the gateway's routing table)
+EVENT_PROVIDERS_CHANGED = "events.providers.changed"
+
 # JetStream: usage events must survive a billing restart, so they go through a stream.
 USAGE_STREAM = "USAGE"
 USAGE_SUBJECT = "usage.events"
@@ -92,6 +97,9 @@ class Reserved(msgspec.Struct, tag="reserved", frozen=True):
     balance_msat: int  # spendable balance left after this reservation
     model: str  # the canonical upstream model id (aliases resolved)
     price: Price
+    # Where to forward, best first (priority, then price); `price` is the first's, `reserved_msat` covers
+    # the dearest. Usage is settled at the price of the route that answered. Empty: the UPSTREAM_* shorthand.
+    routes: tuple[Route, ...] = ()
 
 
 class Usage(msgspec.Struct, tag="usage", frozen=True):
@@ -112,6 +120,10 @@ class Usage(msgspec.Struct, tag="usage", frozen=True):
     ts: float = 0.0
     price: Price | None = None  # the reservation's price, echoed so billing settles in one round trip
     grant_id: str = ""  # the quota grant the gateway charged this call to ("" for a reservation)
+    # The price of the provider that answered when it is not the reservation's (failover to another route);
+    # billing charges it when it is one of the model's route prices.
+    route_price: Price | None = None
+    provider: str = ""  # the slug of the provider that answered ("" when none did)
 
 
 class Settled(msgspec.Struct, tag="settled", frozen=True):
@@ -179,6 +191,8 @@ class ModelEntry(msgspec.Struct, frozen=True):
     price: Price
     aliases: tuple[str, ...] = ()
     enabled: bool = True
+    disabled_reason: str = ""  # why a listed model is not sold (e.g. "no price known")
+    routes: tuple[Route, ...] = ()  # the providers serving it, best first
 
 
 class Catalog(msgspec.Struct, tag="catalog", frozen=True):
@@ -279,6 +293,7 @@ class Rating(msgspec.Struct, tag="rating", frozen=True):
     model: str
     price: Price
     max_completion_tokens: int
+    routes: tuple[Route, ...] = ()  # as in `Reserved`: where to forward, and each route's price
 
 
 class Recall(msgspec.Struct, tag="recall", frozen=True):
@@ -291,6 +306,37 @@ class UsageBatch(msgspec.Struct, tag="usage_batch", frozen=True):
     """Calls charged to quota grants, as one message on the usage stream: settled in one transaction."""
 
     events: tuple[Usage, ...]
+
+
+# ---- upstream providers ------------------------------------------------------------------------
+
+
+class Upstream(msgspec.Struct, frozen=True):
+    """A provider the gateway may forward to. `api_key` is resolved (never logged, never in an answer)."""
+
+    slug: str
+    provider_type: str  # openai | anthropic | openrouter | ollama | vllm | generic
+    base_url: str
+    api_key: str = ""
+    api_version: str | None = None
+    priority: int = 0
+
+
+class Route(msgspec.Struct, frozen=True):
+    """One way to serve a model: the provider, the model id it is forwarded as, and its price there."""
+
+    provider: str  # Upstream.slug
+    upstream_id: str
+    price: Price
+
+
+class UpstreamsQuery(msgspec.Struct, tag="upstreams_query", frozen=True):
+    pass
+
+
+class Upstreams(msgspec.Struct, tag="upstreams", frozen=True):
+    upstreams: tuple[Upstream, ...]
+    revision: str = ""
 
 
 # ---- wallet ----------------------------------------------------------------------------------
@@ -402,6 +448,7 @@ Message = (
     | Redeem | Redeemed | Issue | Issued | Pay | Paid | HoldingsQuery | Holdings
     | InfoQuery | NodeIdentity | ProvidersQuery | Providers
     | CreditControl | QuotaAnswer | RateQuery | Rating | Recall | UsageBatch
+    | UpstreamsQuery | Upstreams
 )  # fmt: skip
 
 _encoder = msgspec.msgpack.Encoder()

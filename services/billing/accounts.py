@@ -67,6 +67,8 @@ class Accounts:
                     return await self.refund(message)
                 case bus.ModelsQuery():
                     return self.catalog.current
+                case bus.UpstreamsQuery():
+                    return self.catalog.upstreams
                 case bus.ReconcileQuery():
                     return await self.reconcile()
                 case bus.InvoiceCreate():
@@ -82,15 +84,17 @@ class Accounts:
         return bus.Error("bad_message", f"billing does not answer {type(message).__name__}", 400)
 
     async def reserve(self, message: bus.Reserve) -> bus.Reserved:
-        model, price, limit = self.catalog.resolve(message.model)
+        """Hold the most the call can cost at any of its routes, so failover to a dearer provider is covered."""
+        model, price, limit, routes = self.catalog.resolve(message.model)
         completion = message.max_tokens if message.max_tokens is not None and message.max_tokens >= 0 else limit
-        amount = pricing.max_cost(price, max(message.prompt_tokens, 0), completion)
-        return await self.ledger.reserve(message, model, price, amount)
+        prompt = max(message.prompt_tokens, 0)
+        amount = max(pricing.max_cost(p, prompt, completion) for p in (price, *(r.price for r in routes)))
+        return await self.ledger.reserve(message, model, price, amount, routes)
 
     def rate(self, message: bus.RateQuery) -> bus.Rating:
         """How a model is priced, for a gateway rating calls against its quota grant."""
-        model, price, limit = self.catalog.resolve(message.model)
-        return bus.Rating(model, price, limit)
+        model, price, limit, routes = self.catalog.resolve(message.model)
+        return bus.Rating(model, price, limit, routes)
 
     async def key_info(self, key_hash: str) -> bus.KeyInfo:
         """A key's balance with its grants called back first (briefly), so units a gateway holds but
@@ -100,7 +104,7 @@ class Accounts:
 
     async def settle_grant_usage(self, batch: bus.UsageBatch) -> None:
         """Settle a gateway's batch of calls charged to quota grants (one transaction)."""
-        charged = await self.grants.settle(batch.events)
+        charged = await self.grants.settle(batch.events, [self._route_price(usage) for usage in batch.events])
         now = time.time()
         for usage in batch.events:
             if usage.request_id not in charged:
@@ -111,13 +115,25 @@ class Accounts:
                 self.metrics.settle_lag_seconds.observe(max(now - usage.ts, 0))
 
     async def settle(self, usage: bus.Usage) -> bus.Settled:
-        settled = await self.ledger.settle(usage)
+        """Charge at the answering provider's price when it is one of the model's routes, else the reservation's."""
+        settled = await self.ledger.settle(usage, self._route_price(usage))
         if not settled.already:
             self.metrics.settlements.labels(usage.source).inc()
             self.metrics.charged_msat.labels(usage.model).inc(settled.cost_msat)
             if usage.ts:
                 self.metrics.settle_lag_seconds.observe(max(time.time() - usage.ts, 0))
         return settled
+
+    def _route_price(self, usage: bus.Usage) -> bus.Price | None:
+        """The answering provider's price when it differs from the reservation's and is one of the
+        model's routes (None: charge the reservation's price)."""
+        if usage.route_price is None or usage.route_price == usage.price:
+            return None
+        if usage.route_price in self.catalog.route_prices(usage.model):
+            return usage.route_price
+        log.warning("usage %s names a price no route of %s has; charged at the reservation's",
+                    usage.request_id, usage.model)  # fmt: skip
+        return None
 
     async def deposit(self, message: bus.Deposit) -> bus.KeyInfo:
         """Redeem through the wallet and credit once per token; a repeat gets the same answer."""

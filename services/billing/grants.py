@@ -44,15 +44,17 @@ class _Batch:
         self.settlements: list[tuple] = []
         self.ledger: list[tuple] = []
 
-    def add(self, usage: bus.Usage) -> None:
+    def add(self, usage: bus.Usage, price: bus.Price | None = None) -> None:
+        """Settle one call at `price` (the answering route's), else at the price it was held at."""
         if usage.request_id in self.settled or usage.key_hash not in self.free:
             return
         self.settled.add(usage.request_id)
-        if usage.source == "failed" or usage.price is None:
+        price = price or usage.price
+        if usage.source == "failed" or price is None:
             base = input_msat = total = 0
         else:
             base, input_msat, _, total = pricing.cost(
-                usage.price, usage.prompt_tokens, usage.completion_tokens, usage.cache_read_tokens,
+                price, usage.prompt_tokens, usage.completion_tokens, usage.cache_read_tokens,
                 usage.cache_write_tokens,
             )  # fmt: skip
         owner, held = self.grants.get(usage.grant_id, (usage.key_hash, 0))
@@ -146,11 +148,12 @@ class Grants:
             validity_time=self.validity_time, final_unit=granted < ccr.requested_msat, closed=outcome == "closed",
         )  # fmt: skip
 
-    async def settle(self, events: Sequence[bus.Usage]) -> dict[str, int]:
+    async def settle(self, events: Sequence[bus.Usage], prices: Sequence[bus.Price | None] = ()) -> dict[str, int]:
         """Settle calls charged to grants, each once by request id, in one transaction.
 
-        Each call's cost is `shared.pricing.cost` at the price the gateway charged it at (echoed in
-        the event), taken from its grant's hold, then from the key's free balance, never below zero.
+        Each call's cost is `shared.pricing.cost` at its entry in `prices` (the answering route's
+        price, checked by the caller) or else the price it was held at (echoed in the event), taken
+        from its grant's hold, then from the key's free balance, never below zero.
         The rows are locked (grants, then keys, each in sorted order, so concurrent batches cannot
         deadlock) before the settled request ids are read, so a batch another replica settles at the
         same time is seen whole. Returns {request_id: msat charged} for the calls this call settled.
@@ -175,8 +178,8 @@ class Grants:
                 {row["key_hash"]: row["free"] for row in keys},
                 {row["request_id"] for row in done},
             )
-            for usage in events:
-                batch.add(usage)
+            for usage, price in zip(events, prices or [None] * len(events), strict=True):
+                batch.add(usage, price)
             await batch.write(conn)
         return batch.charged
 

@@ -130,11 +130,12 @@ class BillingClient:
         rating = await self._rating(message.model)
         limit = rating.max_completion_tokens
         completion = message.max_tokens if message.max_tokens is not None and message.max_tokens >= 0 else limit
-        amount = pricing.max_cost(rating.price, max(message.prompt_tokens, 0), completion)
+        prompt = max(message.prompt_tokens, 0)  # the most at any route, so failover to a dearer one is covered
+        amount = max(pricing.max_cost(p, prompt, completion) for p in (rating.price, *(r.price for r in rating.routes)))
         grant = await self.quota.hold(message.key_hash, amount)
         reservation_id = HOLD_PREFIX + message.request_id
         self._holds[reservation_id] = _Hold(grant, amount, time.monotonic())
-        return bus.Reserved(reservation_id, amount, grant.remaining_balance, rating.model, rating.price)
+        return bus.Reserved(reservation_id, amount, grant.remaining_balance, rating.model, rating.price, rating.routes)
 
     async def _rating(self, model: str) -> bus.Rating:
         """Billing's rating of `model` (canonical id, price, completion cap), cached for RATING_TTL."""
@@ -174,11 +175,12 @@ class BillingClient:
         hold = self._holds.pop(usage.reservation_id, None)
         if hold is None:
             return None  # charged already (a client that left is settled once)
-        if usage.source == "failed" or usage.price is None:
+        price = usage.route_price or usage.price  # the answering route's price, as billing settles it
+        if usage.source == "failed" or price is None:
             base = input_msat = output_msat = total = 0
         else:
             base, input_msat, output_msat, total = pricing.cost(
-                usage.price, usage.prompt_tokens, usage.completion_tokens, usage.cache_read_tokens,
+                price, usage.prompt_tokens, usage.completion_tokens, usage.cache_read_tokens,
                 usage.cache_write_tokens,
             )  # fmt: skip
         charged = self.quota.end(hold.grant, hold.amount, total)
