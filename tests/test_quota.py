@@ -81,6 +81,9 @@ def test_a_settlement_batch_takes_from_the_hold_then_the_free_balance_and_never_
     assert held == 2020 and sum(amount for _, _, amount, _ in batch.ledger) == 3520
     capped = batch.settlements[-1]
     assert capped[3:7] == (490, 490, 0, 0), "a capped charge's parts shrink with it"
+    failover = _Batch({}, {"k": 10_000}, set())
+    failover.add(usage("r", "none"), bus.Price(request_msat=2000))  # the answering route's price
+    assert failover.charged == {"r": 2000}
 
 
 # ---- in-process node -------------------------------------------------------------------------------------------
