@@ -17,6 +17,7 @@ import bolt11
 import msgspec
 from nats.aio.client import Client as NATS
 
+from services.billing.admin.usage import RequestLog
 from services.billing.catalog import Catalog
 from services.billing.grants import RECALL_WAIT, Grants
 from services.billing.ledger import Ledger, LedgerError, PendingRefund, _Repeat
@@ -48,6 +49,7 @@ class Accounts:
         self.nc = nc
         self.metrics = metrics
         self.default_max_tokens = default_max_tokens
+        self.request_log: RequestLog | None = None  # set by the app: the admin request log, written at settlement
 
     async def handle(self, message: bus.Message):
         """Dispatch by message type; ledger refusals become typed bus errors."""
@@ -105,6 +107,9 @@ class Accounts:
     async def settle_grant_usage(self, batch: bus.UsageBatch) -> None:
         """Settle a gateway's batch of calls charged to quota grants (one transaction)."""
         charged = await self.grants.settle(batch.events, [self._route_price(usage) for usage in batch.events])
+        if self.request_log is not None:  # each call once, as `settle` logs it
+            settled = [(usage, charged[usage.request_id]) for usage in batch.events if usage.request_id in charged]
+            await self.request_log.record_many(settled)
         now = time.time()
         for usage in batch.events:
             if usage.request_id not in charged:
@@ -117,6 +122,8 @@ class Accounts:
     async def settle(self, usage: bus.Usage) -> bus.Settled:
         """Charge at the answering provider's price when it is one of the model's routes, else the reservation's."""
         settled = await self.ledger.settle(usage, self._route_price(usage))
+        if self.request_log is not None:  # idempotent by request id, so a redelivered event logs once
+            await self.request_log.record(usage, settled.cost_msat)
         if not settled.already:
             self.metrics.settlements.labels(usage.source).inc()
             self.metrics.charged_msat.labels(usage.model).inc(settled.cost_msat)
