@@ -20,7 +20,7 @@ _RECORD = (
 )
 
 
-def _row(usage: bus.Usage, cost_msat: int) -> tuple:
+def _log_row(usage: bus.Usage, cost_msat: int) -> tuple:
     return (
         usage.request_id, usage.key_hash[:KEY_PREFIX], usage.model, usage.provider, usage.prompt_tokens,
         usage.completion_tokens, cost_msat, usage.status, usage.source, usage.latency_ms, usage.attempts,
@@ -33,12 +33,12 @@ class RequestLog:
 
     async def record(self, usage: bus.Usage, cost_msat: int) -> None:
         """Log a settled call once (by request id); a redelivered usage event adds nothing."""
-        await self.pool.execute(_RECORD, *_row(usage, cost_msat))
+        await self.pool.execute(_RECORD, *_log_row(usage, cost_msat))
 
     async def record_many(self, settled: list[tuple[bus.Usage, int]]) -> None:
         """`record` for a settled batch of (usage, cost msat), pipelined (quota grant settlement)."""
         if settled:
-            await self.pool.executemany(_RECORD, [_row(usage, cost) for usage, cost in settled])
+            await self.pool.executemany(_RECORD, [_log_row(usage, cost) for usage, cost in settled])
 
     async def expire(self, days: int) -> int:
         """Delete rows older than `days` (REQUEST_LOG_RETENTION_DAYS); returns how many."""
