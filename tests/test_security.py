@@ -84,6 +84,7 @@ def test_every_bus_subject_has_a_sender_and_a_receiver_in_the_permission_table()
         (bus.WALLET_ISSUE, {"billing"}), (bus.WALLET_PAY, {"billing"}), (bus.WALLET_REDEEM, {"billing"}),
         (bus.BILLING_RESERVE, {"gateway"}), (bus.BILLING_SETTLE, {"gateway"}), (bus.USAGE_SUBJECT, {"gateway"}),
         (bus.BILLING_CREATE_KEY, {"operator"}), (bus.BILLING_RECONCILE, {"operator"}),
+        (bus.BILLING_CREDIT_CONTROL, {"gateway"}), (bus.QUOTA_RECALL, {"billing"}),
     ],
 )  # fmt: skip
 def test_only_the_named_roles_may_send(subject, only):
