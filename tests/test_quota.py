@@ -191,7 +191,7 @@ async def test_refund_during_load_returns_all_not_spent_and_a_top_up_is_usable_a
 
 @pytest.fixture
 async def cluster(nats_server, database, upstream, mint, tmp_path):
-    running = Cluster(node_env(nats_server.url, database, upstream, mint.url, **PRICES), tmp_path)
+    running = Cluster(node_env(nats_server, database, upstream, mint.url, **PRICES), tmp_path)
     yield running
     await running.stop()
 
