@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from services.wallet import storage
 from services.wallet.ecash import Secrets
+from services.wallet.foreign import ForeignSwaps
 from services.wallet.mints import Mints
 from services.wallet.node_wallet import NodeWallet
 from shared import bus, db, messaging
@@ -53,6 +54,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         stack.push_async_callback(session.close)
         mints = Mints(session, metrics, MINT_CALL_TIMEOUT)
         wallet = NodeWallet(pool, mints, secrets, settings.cashu_mints, metrics, session)
+        wallet.foreign = ForeignSwaps(wallet, pool, settings.cashu_foreign_max_sats, settings.cashu_foreign_hourly_sats)
         await wallet.holdings()  # sets the unspent gauges from the start
         sweeper = asyncio.create_task(_sweep(wallet))
         stack.push_async_callback(_cancel, sweeper)
@@ -78,6 +80,8 @@ async def _sweep(wallet: NodeWallet) -> None:
         try:
             await wallet.resolve_stale_issues(older_than=STALE_AFTER)
             await wallet.resolve_stale_payouts(older_than=STALE_AFTER)
+            if wallet.foreign is not None:
+                await wallet.foreign.resolve_stale(older_than=STALE_AFTER)
         except Exception:
             log.exception("settling pending operations failed")
 

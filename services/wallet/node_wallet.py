@@ -23,6 +23,7 @@ import asyncpg
 
 from services.wallet import ecash, lnurl, storage
 from services.wallet.ecash import BlindedSignature, Keyset, Output, Proof
+from services.wallet.foreign import ForeignSwaps
 from services.wallet.mints import (
     OUTPUTS_SIGNED,
     PROOFS_PENDING,
@@ -90,6 +91,7 @@ class NodeWallet:
         self._accepted = tuple(m.rstrip("/") for m in accepted)
         self._metrics = metrics
         self._locks = _KeyLocks()
+        self.foreign: ForeignSwaps | None = None  # set by the app when tokens of unlisted mints are swapped
 
     @contextlib.asynccontextmanager
     async def _exclusive(self, name: str) -> AsyncIterator[asyncpg.Connection]:
@@ -111,6 +113,8 @@ class NodeWallet:
         except ecash.TokenError as exc:
             raise _fail("invalid_token", str(exc), 400) from None
         if token.mint_url not in self._accepted:
+            if self.foreign is not None and self._accepted:  # swapped into a listed mint over Lightning
+                return await self.foreign.redeem(raw, token, self._accepted[0])
             accepted = ", ".join(self._accepted) or "none"
             raise _fail(
                 "mint_not_accepted", f"tokens from {token.mint_url} are not accepted; accepted mints: {accepted}", 400

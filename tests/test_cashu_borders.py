@@ -1,0 +1,188 @@
+"""Cashu without borders: tokens of unlisted mints swapped in over Lightning, keys funded from several
+mints, Lightning invoices credited by themselves. Real nutshell mints (FakeWallet) throughout: `mint` is
+the node's listed mint, `fee_mint` (100 ppk input fee, its own keys) plays the untrusted one.
+"""
+
+from __future__ import annotations
+
+import aiohttp
+import pytest_asyncio
+from aiohttp import web
+
+from devstack import processes
+from services.wallet import ecash
+from shared import bus, messaging
+from tests.conftest import serve_app
+from tests.support.keys import reconcile
+from tests.test_gateway import auth, balance
+from tests.test_wallet import error_of, holdings, redeem, start_wallet, with_mint
+
+CORE = ("billing", "wallet", "gateway")
+
+
+@pytest_asyncio.fixture
+async def nc(nats_server):
+    conn = await messaging.connect(nats_server.url, "test-borders")
+    yield conn
+    await conn.drain()
+
+
+class FaultyMint:
+    """A loopback HTTP relay in front of a real mint that spoils chosen calls: `refuse` answers the
+    mint's own "not enough inputs" error without forwarding; `lose` forwards and drops the reply."""
+
+    def __init__(self, target: str):
+        self.target = target
+        self.faults: dict[str, list[str]] = {}
+        self.calls: dict[str, int] = {}
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> FaultyMint:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._relay)
+        self._session = aiohttp.ClientSession()
+        self._runner, self.url = await serve_app(app)
+        return self
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()
+        await self._session.close()
+
+    async def _relay(self, request: web.Request) -> web.StreamResponse:
+        self.calls[request.path] = self.calls.get(request.path, 0) + 1
+        fault = self.faults.get(request.path, []).pop(0) if self.faults.get(request.path) else None
+        if fault == "refuse":
+            body = {"detail": "not enough inputs provided for melt", "code": 11000}
+            return web.json_response(body, status=400)
+        async with self._session.request(
+            request.method, self.target + request.path_qs, data=await request.read(),
+            headers={"Content-Type": request.headers.get("Content-Type", "application/json")},
+        ) as upstream:  # fmt: skip
+            data = await upstream.read()
+        if fault == "lose":
+            return web.Response(status=502, text="bad gateway")
+        return web.Response(status=upstream.status, body=data, content_type="application/json")
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def faulty_fee_mint(fee_mint):
+    relay = await FaultyMint(fee_mint.url).start()
+    yield relay
+    await relay.stop()
+
+
+def _is_swap(redeemed: bus.Redeemed, face: int, listed: str) -> None:
+    assert redeemed.mint_url == listed, redeemed
+    assert redeemed.amount_msat == face * 1000
+    assert 0 < redeemed.credited_msat < face * 1000, redeemed
+    assert redeemed.credited_msat % 1000 == 0 and redeemed.fee_msat == face * 1000 - redeemed.credited_msat
+
+
+# ---- foreign-mint tokens through the wallet --------------------------------------------------------
+
+
+async def test_foreign_token_is_swapped_in_below_face_value_once(make_node, nc, fee_client_wallet, mint):
+    await start_wallet(make_node, nc)
+    token = await fee_client_wallet.token(100)
+    redeemed = await redeem(nc, token)
+    _is_swap(redeemed, 100, mint.url)
+    assert redeemed.credited_msat >= 90_000  # 1 % / 2 sat reserve and a 1 sat input fee, nothing more
+    assert await fee_client_wallet.is_spent(token)
+    assert await holdings(nc) == bus.Holdings(redeemed.credited_msat, {mint.url: redeemed.credited_msat})
+    again = await redeem(nc, token)
+    assert (again.already, again.credited_msat, again.token_hash) == (True, redeemed.credited_msat,
+                                                                      ecash.token_hash(token))  # fmt: skip
+    assert (await holdings(nc)).unspent_msat == redeemed.credited_msat
+
+
+async def test_refused_melt_is_retried_smaller_and_credits(make_node, nc, fee_client_wallet, faulty_fee_mint, mint):
+    await start_wallet(make_node, nc)
+    faulty_fee_mint.faults["/v1/melt/bolt11"] = ["refuse"]
+    token = await fee_client_wallet.token(64)
+    redeemed = await redeem(nc, with_mint(token, faulty_fee_mint.url))
+    _is_swap(redeemed, 64, mint.url)
+    assert faulty_fee_mint.calls["/v1/melt/bolt11"] == 2
+    assert await fee_client_wallet.is_spent(token)
+    assert (await holdings(nc)).unspent_msat == redeemed.credited_msat
+
+
+async def test_melt_whose_reply_was_lost_is_resolved_and_credited_once(make_node, nc, fee_client_wallet,
+                                                                      faulty_fee_mint, mint):  # fmt: skip
+    await start_wallet(make_node, nc)
+    faulty_fee_mint.faults["/v1/melt/bolt11"] = ["lose"]
+    token = with_mint(await fee_client_wallet.token(40), faulty_fee_mint.url)
+    redeemed = await redeem(nc, token)
+    _is_swap(redeemed, 40, mint.url)
+    assert faulty_fee_mint.calls["/v1/melt/bolt11"] == 1  # NUT-05 quote state said paid: no second melt
+    assert (await holdings(nc)).unspent_msat == redeemed.credited_msat
+    assert (await redeem(nc, token)).already
+
+
+async def test_foreign_mint_down_is_503_and_token_stays_unspent(make_node, nc, fee_client_wallet):
+    await start_wallet(make_node, nc)
+    token = await fee_client_wallet.token(30)
+    dead = f"http://127.0.0.1:{processes.free_port()}"
+    error = await error_of(redeem(nc, with_mint(token, dead)))
+    assert (error.code, error.status) == ("mint_unavailable", 503) and error.retry_after
+    assert not await fee_client_wallet.is_spent(token)
+    assert (await holdings(nc)).unspent_msat == 0
+
+
+async def test_operator_limits_refuse_with_the_reason(make_node, nc, fee_client_wallet):
+    await start_wallet(make_node, nc, CASHU_FOREIGN_MAX_SATS="80", CASHU_FOREIGN_HOURLY_SATS="120")
+    big = await fee_client_wallet.token(100)
+    error = await error_of(redeem(nc, big))
+    assert (error.code, error.status) == ("foreign_mint_limit", 400)
+    assert "80 sat" in error.message and "100 sat" in error.message
+    first = await redeem(nc, await fee_client_wallet.token(70))
+    assert first.credited_msat > 0
+    second = await fee_client_wallet.token(60)
+    error = await error_of(redeem(nc, second))
+    assert (error.code, error.status) == ("foreign_mint_rate_limited", 429) and error.retry_after
+    assert "120 sat an hour" in error.message
+    for token in (big, second):
+        assert not await fee_client_wallet.is_spent(token)
+
+
+async def test_swaps_off_refuses_unlisted_mints(make_node, nc, fee_client_wallet, mint):
+    await start_wallet(make_node, nc, CASHU_FOREIGN_MAX_SATS="0")
+    token = await fee_client_wallet.token(5)
+    error = await error_of(redeem(nc, token))
+    assert (error.code, error.status) == ("mint_not_accepted", 400)
+    assert not await fee_client_wallet.is_spent(token)
+
+
+# ---- through the public API -----------------------------------------------------------------------
+
+
+async def test_create_and_topup_with_foreign_tokens_credit_less_than_face(make_node, http, fee_client_wallet):
+    node = await make_node(CORE)
+    token = await fee_client_wallet.token(50)
+    async with http.post(f"{node.url}/v1/balance/create", json={"initial_balance_token": token}) as response:
+        created = await response.json()
+    assert response.status == 200, created
+    assert 0 < created["balance"] < 50_000, created
+    key = created["api_key"]
+    topup = await fee_client_wallet.token(100)
+    async with http.post(f"{node.url}/v1/wallet/topup", params={"cashu_token": topup}, json={},
+                         headers=auth(key)) as response:  # fmt: skip
+        topped = await response.json()
+    assert response.status == 200, topped
+    assert 0 < topped["msats"] < 100_000 and topped["balance"] == created["balance"] + topped["msats"], topped
+    assert (await balance(http, node, key))["balance"] == topped["balance"]
+    result = await reconcile(node.settings.nats_url)
+    assert result.difference_msat == 0 and result.covered, result
+    assert result.wallet_unspent_msat == topped["balance"], result
+
+
+async def test_dead_foreign_mint_over_http_is_503_with_retry_after(make_node, http, fee_client_wallet):
+    node = await make_node(CORE)
+    token = await fee_client_wallet.token(20)
+    dead = with_mint(token, f"http://127.0.0.1:{processes.free_port()}")
+    async with http.post(f"{node.url}/v1/balance/create", json={"initial_balance_token": dead}) as response:
+        body = await response.json()
+    assert response.status == 503 and response.headers.get("Retry-After"), body
+    assert "detail" in body
+    assert not await fee_client_wallet.is_spent(token)
