@@ -5,7 +5,10 @@ the node's listed mint, `fee_mint` (100 ppk input fee, its own keys) plays the u
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
+import asyncpg
 import pytest_asyncio
 from aiohttp import web
 
@@ -13,8 +16,9 @@ from devstack import processes
 from services.wallet import ecash
 from shared import bus, messaging
 from tests.conftest import serve_app
-from tests.support.keys import reconcile
+from tests.support.keys import funded_key, reconcile
 from tests.test_gateway import auth, balance
+from tests.test_lightning import new_invoice, status
 from tests.test_wallet import error_of, holdings, redeem, start_wallet, with_mint
 
 CORE = ("billing", "wallet", "gateway")
@@ -186,3 +190,67 @@ async def test_dead_foreign_mint_over_http_is_503_with_retry_after(make_node, ht
     assert response.status == 503 and response.headers.get("Retry-After"), body
     assert "detail" in body
     assert not await fee_client_wallet.is_spent(token)
+
+
+# ---- Lightning that credits itself ----------------------------------------------------------------
+
+
+async def test_paid_invoices_are_credited_without_a_status_call(make_node, http):
+    node = await make_node(CORE)
+    key = await funded_key(node.settings.nats_url, 2_000)
+    topup = await new_invoice(http, node, 12, "topup", headers=auth(key))
+    create = await new_invoice(http, node, 7, "create")
+    conn = await asyncpg.connect(node.settings.database_url)
+    try:
+        for _ in range(100):  # FakeWallet pays at once; the watcher looks every second
+            states = dict(await conn.fetch("SELECT invoice_id, state FROM billing.invoices"))
+            if (await balance(http, node, key))["balance"] == 14_000 and set(states.values()) == {"paid"}:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError(f"not credited by itself: {states}")
+        assert states == {topup["invoice_id"]: "paid", create["invoice_id"]: "paid"}
+    finally:
+        await conn.close()
+    paid = await status(http, node, create["invoice_id"])  # the new key is still shown once, funded
+    assert paid["status"] == "paid" and paid["api_key"], paid
+    assert (await balance(http, node, paid["api_key"]))["balance"] == 7_000
+    assert (await status(http, node, create["invoice_id"]))["api_key"] is None
+    assert (await balance(http, node, key))["balance"] == 14_000
+    result = await reconcile(node.settings.nats_url)
+    assert result.difference_msat == 0 and result.covered and result.lightning_in_msat == 19_000, result
+
+
+async def test_quote_stuck_in_minting_is_resolved_by_the_watcher(make_node, http):
+    """The wallet planned the mint (state `minting`) and stopped: the watcher finishes it and credits."""
+    node = await make_node(CORE)
+    key = await funded_key(node.settings.nats_url, 1_000)
+    conn = await asyncpg.connect(node.settings.database_url)
+    try:
+        invoice = await new_invoice(http, node, 9, "topup", headers=auth(key))
+        for _ in range(100):
+            if (await balance(http, node, key))["balance"] == 10_000:
+                break
+            await asyncio.sleep(0.1)
+        quote = await conn.fetchrow("SELECT * FROM wallet.mint_quotes")
+        assert quote["state"] == "issued"
+        # Replay the crash: minted but proofs lost and the invoice uncredited; the watcher restores both.
+        await conn.execute("DELETE FROM wallet.proofs WHERE op = $1", f"mint:{quote['quote_id']}")
+        await conn.execute("UPDATE wallet.mint_quotes SET state = 'minting'")
+        await conn.execute(
+            "UPDATE billing.invoices SET state = 'pending', paid_at = NULL WHERE invoice_id = $1", invoice["invoice_id"]
+        )
+        await conn.execute(
+            "DELETE FROM billing.ledger WHERE idempotency_key = $1", f"lightning:{invoice['invoice_id']}"
+        )
+        await conn.execute("UPDATE billing.keys SET balance_msat = 1000")
+        for _ in range(100):
+            if (await balance(http, node, key))["balance"] == 10_000:
+                break
+            await asyncio.sleep(0.1)
+        assert (await conn.fetchval("SELECT state FROM wallet.mint_quotes")) == "issued"
+    finally:
+        await conn.close()
+    assert (await balance(http, node, key))["balance"] == 10_000
+    result = await reconcile(node.settings.nats_url)
+    assert result.difference_msat == 0 and result.covered and result.wallet_unspent_msat == 9_000, result

@@ -155,12 +155,16 @@ class Accounts:
         row = await self.ledger.invoice(message.invoice_id, message.bolt11)
         expired = False
         if row["state"] == "pending":
-            check = bus.MintQuoteCheck(row["quote_id"])
-            quote = await self._wallet(bus.WALLET_INVOICE_CHECK, check, bus.MintQuoteState)
-            expired = quote.state == "expired"
-            if quote.state == "paid":
-                self.metrics.credited_msat.inc(await self.ledger.credit_invoice(row["invoice_id"]))
+            expired = await self.credit_if_paid(row["invoice_id"], row["quote_id"]) == "expired"
         return await self.ledger.invoice_answer(row["invoice_id"], expired)
+
+    async def credit_if_paid(self, invoice_id: str, quote_id: str) -> str:
+        """Have the wallet mint a paid invoice's ecash, then credit its key once; returns the quote's
+        state (pending | paid | expired). Hands out no key: only a status answer does that."""
+        quote = await self._wallet(bus.WALLET_INVOICE_CHECK, bus.MintQuoteCheck(quote_id), bus.MintQuoteState)
+        if quote.state == "paid":
+            self.metrics.credited_msat.inc(await self.ledger.credit_invoice(invoice_id))
+        return quote.state
 
     async def _wallet(self, subject: str, message: msgspec.Struct, expect: type[T]) -> T:
         """Ask the wallet; its typed refusal (bad token, mint down, …) becomes billing's answer unchanged."""

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from services.billing.accounts import Accounts
 from services.billing.catalog import Catalog, load_models_file
+from services.billing.invoice_watcher import INVOICE_WATCH_EVERY, credit_paid_invoices
 from services.billing.ledger import Ledger, LedgerError
 from shared import bus, db, messaging
 from shared.config import Settings
@@ -117,12 +118,16 @@ async def _resources(app: web.Application):
         metrics.usage_pending.set(info.num_pending + info.num_ack_pending)
         await accounts.reconcile()
 
+    async def watch_invoices() -> None:
+        await credit_paid_invoices(pool, accounts)
+
     stop = asyncio.Event()
     tasks = [
         asyncio.create_task(consume_usage(nc, accounts, stop)),
         asyncio.create_task(every(min(SWEEP_EVERY, settings.reservation_ttl / 2), sweep, stop)),
         asyncio.create_task(every(GAUGES_EVERY, gauges, stop)),
         asyncio.create_task(every(CATALOG_REFRESH, refresh_catalog, stop)),
+        asyncio.create_task(every(INVOICE_WATCH_EVERY, watch_invoices, stop)),
     ]
     yield
     await responder.close(timeout=10)
