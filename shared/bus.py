@@ -147,6 +147,7 @@ class KeyInfo(msgspec.Struct, tag="key_info", frozen=True):
 class Refund(msgspec.Struct, tag="refund", frozen=True):
     key_hash: str
     lightning_address: str | None = None
+    mint_url: str | None = None  # the mint the client wants its token from (else the key's last deposit's)
 
 
 class Refunded(msgspec.Struct, tag="refunded", frozen=True):

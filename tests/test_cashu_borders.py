@@ -254,3 +254,100 @@ async def test_quote_stuck_in_minting_is_resolved_by_the_watcher(make_node, http
     assert (await balance(http, node, key))["balance"] == 10_000
     result = await reconcile(node.settings.nats_url)
     assert result.difference_msat == 0 and result.covered and result.wallet_unspent_msat == 9_000, result
+
+
+# ---- several mints, one key -----------------------------------------------------------------------
+
+
+def _mints_of(token: str) -> dict[str, int]:
+    """Sats per mint in a token (V3 may hold several mints, V4 one)."""
+    if token.startswith("cashuA"):
+        return {entry.mint: sum(p.amount for p in entry.proofs) for entry in ecash.TokenV3.deserialize(token).token}
+    parsed = ecash.TokenV4.deserialize(token)
+    return {parsed.mint: sum(p.amount for p in parsed.proofs)}
+
+
+def _part(token: str, mint_url: str) -> str:
+    parsed = ecash.TokenV3.deserialize(token)
+    return ecash.TokenV3(token=[e for e in parsed.token if e.mint == mint_url]).serialize()
+
+
+async def _create(http, node, token: str) -> dict:
+    async with http.post(f"{node.url}/v1/balance/create", json={"initial_balance_token": token}) as response:
+        body = await response.json()
+    assert response.status == 200, body
+    return body
+
+
+async def _topup(http, node, key: str, token: str) -> dict:
+    async with http.post(f"{node.url}/v1/balance/topup", json={"cashu_token": token}, headers=auth(key)) as response:
+        body = await response.json()
+    assert response.status == 200, body
+    return body
+
+
+async def _refund(http, node, key: str, body: dict | None = None) -> tuple[int, dict]:
+    async with http.post(f"{node.url}/v1/balance/refund", json=body or {}, headers=auth(key)) as response:
+        return response.status, await response.json()
+
+
+async def test_key_funded_from_two_mints_refunds_its_whole_balance(
+    make_node, http, mint, fee_mint, client_wallet, fee_client_wallet
+):
+    node = await make_node(CORE, CASHU_MINTS=f"{mint.url},{fee_mint.url}")
+    created = await _create(http, node, await client_wallet.token(30))
+    key = created["api_key"]
+    topped = await _topup(http, node, key, await fee_client_wallet.token(40))
+    owed = topped["balance"]
+    assert 30_000 < owed < 70_000  # the fee mint's input fee came off
+    status_, refunded = await _refund(http, node, key)
+    assert status_ == 200, refunded
+    assert refunded["token"].startswith("cashuA") and refunded["msats"] == str(owed // 1000 * 1000)
+    parts = _mints_of(refunded["token"])
+    assert set(parts) == {mint.url, fee_mint.url} and sum(parts.values()) == owed // 1000, parts
+    by_mint = {next(iter(_mints_of(t))): t for t in refunded["tokens"]}  # each mint's part on its own
+    assert by_mint == {m: _part(refunded["token"], m) for m in (mint.url, fee_mint.url)}
+    assert await client_wallet.receive(by_mint[mint.url]) == parts[mint.url]
+    assert await fee_client_wallet.receive(by_mint[fee_mint.url]) == parts[fee_mint.url]
+    again = await _refund(http, node, key)  # a retry after a lost answer replays the same token
+    assert again == (200, refunded)
+    result = await reconcile(node.settings.nats_url)
+    assert result.difference_msat == 0 and result.covered and result.owed_msat == 0, result
+
+
+async def test_refund_comes_from_the_named_mint_or_the_deposit_mint(
+    make_node, http, mint, fee_mint, client_wallet, fee_client_wallet
+):
+    node = await make_node(CORE, CASHU_MINTS=f"{mint.url},{fee_mint.url}")
+    big = await _create(http, node, await client_wallet.token(200))  # the wallet holds most at `mint`
+    small = await _create(http, node, await client_wallet.token(10))
+    await _create(http, node, await fee_client_wallet.token(100))
+    from_fee_mint = await _create(http, node, await fee_client_wallet.token(20))
+    status_, refunded = await _refund(http, node, from_fee_mint["api_key"])
+    assert status_ == 200, refunded
+    assert list(_mints_of(refunded["token"])) == [fee_mint.url], "a key's token comes back from its own mint"
+    status_, bad = await _refund(http, node, small["api_key"], {"mint_url": "not a url"})
+    assert status_ == 400 and "detail" in bad
+    status_, named = await _refund(http, node, small["api_key"], {"mint_url": fee_mint.url + "/"})
+    assert status_ == 200, named
+    assert _mints_of(named["token"]) == {fee_mint.url: 10}, "the mint the client names"
+    status_, short = await _refund(http, node, big["api_key"], {"mint": fee_mint.url})
+    assert status_ == 200, short
+    assert _mints_of(short["token"]) == {mint.url: 200}, "a named mint that holds too little: one that holds enough"
+    result = await reconcile(node.settings.nats_url)
+    assert result.difference_msat == 0 and result.covered, result
+
+
+async def test_x_cashu_change_comes_from_the_tokens_own_mint(
+    make_node, http, mint, fee_mint, client_wallet, fee_client_wallet
+):
+    node = await make_node(CORE, CASHU_MINTS=f"{mint.url},{fee_mint.url}", FIXED_PRICING="true",
+                           FIXED_COST_PER_REQUEST="1")  # fmt: skip
+    await _create(http, node, await client_wallet.token(300))  # most of the wallet's ecash is at `mint`
+    token = await fee_client_wallet.token(30)
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+    async with http.post(f"{node.url}/v1/chat/completions", json=body, headers={"X-Cashu": token}) as response:
+        assert response.status == 200, await response.text()
+        change = response.headers["X-Cashu"]
+    assert list(_mints_of(change)) == [fee_mint.url]
+    assert await fee_client_wallet.receive(change) > 0

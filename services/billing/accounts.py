@@ -108,13 +108,17 @@ class Accounts:
         step = await self.ledger.begin_refund(message.key_hash, method, message.lightning_address)
         if isinstance(step, bus.Refunded):
             return step  # a replay of the last refund
-        return await self._pay(step, message.key_hash)
+        return await self._pay(step, message.key_hash, message.mint_url)
 
-    async def _pay(self, refund: PendingRefund, key_hash: str) -> bus.Refunded:
+    async def _pay(self, refund: PendingRefund, key_hash: str, mint_url: str | None = None) -> bus.Refunded:
+        """Pay a pending refund out. A token comes from `mint_url` when the client named one, else from
+        the mint of the key's latest deposit (X-Cashu change from the token's own mint), else from
+        whichever mints hold enough (the wallet splits it across mints when none holds it all)."""
         try:
             if refund.method == "cashu":
+                mint_url = mint_url or await self.ledger.deposit_mint(key_hash)
                 issued = await request(
-                    self.nc, bus.WALLET_ISSUE, bus.Issue(refund.amount_msat, f"refund-{refund.refund_id}"),
+                    self.nc, bus.WALLET_ISSUE, bus.Issue(refund.amount_msat, f"refund-{refund.refund_id}", mint_url),
                     bus.Issued, bus.MINT_TIMEOUT,
                 )  # fmt: skip
                 token, fee = issued.token, issued.fee_msat

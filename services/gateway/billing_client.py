@@ -67,10 +67,13 @@ class BillingClient:
     def _msg_id(usage: bus.Usage) -> dict[str, str]:
         return {"Nats-Msg-Id": f"usage-{usage.request_id}"}
 
-    async def refund(self, key_hash: str, lightning_address: str | None = None) -> bus.Refunded:
+    async def refund(
+        self, key_hash: str, lightning_address: str | None = None, mint_url: str | None = None
+    ) -> bus.Refunded:
         return await request(
-            self.nc, bus.BILLING_REFUND, bus.Refund(key_hash, lightning_address), bus.Refunded, bus.MINT_TIMEOUT
-        )
+            self.nc, bus.BILLING_REFUND, bus.Refund(key_hash, lightning_address, mint_url), bus.Refunded,
+            bus.MINT_TIMEOUT,
+        )  # fmt: skip
 
 
 def usage_from(body: dict) -> tuple[int, int, int, int] | None:

@@ -36,7 +36,16 @@ def _tame_cashu_import() -> Iterator[None]:
 
 
 with _tame_cashu_import():
-    from cashu.core.base import BlindedMessage, BlindedSignature, Proof, TokenV4, TokenV4Proof, TokenV4Token
+    from cashu.core.base import (
+        BlindedMessage,
+        BlindedSignature,
+        Proof,
+        TokenV3,
+        TokenV3Token,
+        TokenV4,
+        TokenV4Proof,
+        TokenV4Token,
+    )
     from cashu.core.crypto import b_dhke
     from cashu.core.crypto.keys import derive_keyset_short_id
     from cashu.core.crypto.secp import PrivateKey, PublicKey
@@ -55,7 +64,7 @@ def _to_logging(message) -> None:
 _loguru.remove()
 _loguru.add(_to_logging, level="WARNING")
 
-__all__ = ["BlindedMessage", "BlindedSignature", "Proof", "PublicKey"]
+__all__ = ["BlindedMessage", "BlindedSignature", "Proof", "PublicKey", "TokenV3"]
 
 MAX_TOKEN_BYTES = 64 * 1024
 MAX_SATS = 21_000_000 * 100_000_000
@@ -174,6 +183,13 @@ def encode_token(mint_url: str, proofs: Sequence[Proof]) -> str:
         for kid, ps in by_keyset.items()
     ]
     return TokenV4(m=mint_url, u="sat", t=groups).serialize()
+
+
+def encode_multi_mint_token(proofs_by_mint: dict[str, Sequence[Proof]]) -> str:
+    """A V3 (`cashuA`) token with one entry per mint (NUT-00), for a refund cut from several mints;
+    proofs carry their full keyset ids."""
+    entries = [TokenV3Token(mint=mint, proofs=list(proofs)) for mint, proofs in proofs_by_mint.items()]
+    return TokenV3(token=entries).serialize()
 
 
 class _Derivation(WalletSecrets):

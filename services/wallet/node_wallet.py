@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 import aiohttp
 import asyncpg
 
-from services.wallet import ecash, lnurl, storage
+from services.wallet import ecash, lnurl, split, storage
 from services.wallet.ecash import BlindedSignature, Keyset, Output, Proof
 from services.wallet.foreign import ForeignSwaps
 from services.wallet.mints import (
@@ -227,6 +227,8 @@ class NodeWallet:
                 return _issued(row, already=True)
             if row is not None:
                 return await self._resume_issue(conn, row)
+            if await split.parts_of(conn, key):  # a split refund was under way: finish it
+                return await split.issue_split(self, conn, key, sats)
             balances = await storage.balances(conn)
             candidates = [m for m, held in balances.items() if held >= sats]
             preferred = (mint_url or "").rstrip("/")
@@ -243,8 +245,11 @@ class NodeWallet:
                     continue
             if unavailable is not None:
                 raise _unavailable(unavailable)
-            held = sum(balances.values())
-            raise _fail("insufficient_funds", f"the wallet cannot cut {sats} sat (it holds {held} sat)", 503, 30)
+            return await split.issue_split(self, conn, key, sats)  # no one mint holds enough: one part each
+
+    @staticmethod
+    def insufficient(sats: int, held: int) -> BusError:
+        return _fail("insufficient_funds", f"the wallet cannot cut {sats} sat (it holds {held} sat)", 503, 30)
 
     async def _issue_from(self, conn: asyncpg.Connection, key: str, sats: int, client: MintClient) -> bus.Issued:
         """Cut the token from `client`'s proofs: exact proofs when they exist (no mint call, no fee),
