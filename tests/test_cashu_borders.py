@@ -351,3 +351,52 @@ async def test_x_cashu_change_comes_from_the_tokens_own_mint(
         change = response.headers["X-Cashu"]
     assert list(_mints_of(change)) == [fee_mint.url]
     assert await fee_client_wallet.receive(change) > 0
+
+
+# ---- NUT-24: standard 402s ------------------------------------------------------------------------
+
+CHAT = "/v1/chat/completions"
+FIXED = {"FIXED_PRICING": "true", "FIXED_COST_PER_REQUEST": "1", "FIXED_PER_1K_INPUT_TOKENS": "0",
+         "FIXED_PER_1K_OUTPUT_TOKENS": "10"}  # fmt: skip
+
+
+def _decode_request(header: str):
+    from cashu.core.nuts import nut18
+
+    return nut18.deserialize(header)
+
+
+async def test_too_small_x_cashu_is_refused_unredeemed_with_a_payment_request_a_wallet_pays(
+    make_node, http, mint, client_wallet
+):
+    node = await make_node(CORE, **FIXED)
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000}
+    small = await client_wallet.token(5)
+    async with http.post(f"{node.url}{CHAT}", json=body, headers={"X-Cashu": small}) as response:
+        refused = await response.json()
+        header = response.headers.get("X-Cashu", "")
+    assert response.status == 402, refused
+    assert refused["error"]["code"] == "insufficient_balance" and refused["error"]["type"] == "insufficient_quota"
+    assert not await client_wallet.is_spent(small), "refused before it was redeemed"
+    request = _decode_request(header)
+    assert (request.a, request.u, request.m) == (11, "sat", [mint.url]), request  # 1 sat + 1000 x 10 sat / 1k
+    paying = await client_wallet.token(request.a)  # what a NUT-24 wallet does with the request
+    async with http.post(f"{node.url}{CHAT}", json=body, headers={"X-Cashu": paying}) as response:
+        assert response.status == 200, await response.text()
+    assert await client_wallet.receive(small) == 5
+    result = await reconcile(node.settings.nats_url)
+    assert result.difference_msat == 0 and result.covered, result
+
+
+async def test_paid_call_without_credentials_keeps_its_401_and_carries_the_request(make_node, http, mint):
+    node = await make_node(CORE, **FIXED)
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100}
+    async with http.post(f"{node.url}{CHAT}", json=body) as response:
+        answer = await response.json()
+        header = response.headers.get("X-Cashu", "")
+    assert response.status == 401
+    assert answer["error"]["code"] == "missing_api_key" and answer["error"]["type"] == "authentication_error"
+    request = _decode_request(header)
+    assert (request.a, request.u, request.m) == (2, "sat", [mint.url]), request
+    async with http.post(f"{node.url}{CHAT}", json=body, headers=auth("sk-" + "1" * 64)) as response:
+        assert response.status == 401 and "X-Cashu" not in response.headers  # a wrong key is not a price question

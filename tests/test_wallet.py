@@ -463,7 +463,9 @@ async def test_entry_point_migrates_and_importing_cashu_is_tame(database):
     )
     out, err = await migrate.communicate()
     assert migrate.returncode == 0, err.decode()
-    assert out.decode().strip() == "wallet: applied 2 migration(s): 001_init.sql, 002_mint_quotes.sql"
+    assert out.decode().strip() == (
+        "wallet: applied 3 migration(s): 001_init.sql, 002_mint_quotes.sql, 015_foreign_swaps.sql"
+    )
     probe = "import sys, services.wallet.app; print(getattr(sys, 'tracebacklimit', 'unset'))"
     child = await asyncio.create_subprocess_exec(sys.executable, "-c", probe, stdout=PIPE, stderr=PIPE)
     out, _ = await child.communicate()

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 from services.gateway import balance, catalog, lightning
 from services.gateway.billing_client import BillingClient
 from services.gateway.errors import detail_error, openai_error
+from services.gateway.payment_request import Quoter
 from services.gateway.proxy import MODEL, REQUEST_ID, Proxy
 from services.gateway.ratelimit import RateLimiter, client_address
 from shared import messaging
@@ -131,6 +132,7 @@ async def _resources(app: web.Application) -> None:
     )
     billing = BillingClient(nc, nc.jetstream())
     proxy = Proxy(settings, session, billing, app[METRICS], lambda: catalog.usd_per_msat(app))
+    proxy.quoter = Quoter(settings, lambda: _catalog_only(app), lambda: None)
     app[PROXY] = proxy
     app[balance.BALANCE] = balance.BalanceAPI(billing)
     app[lightning.LIGHTNING] = lightning.LightningAPI(nc)
@@ -170,3 +172,7 @@ async def create_app(settings: Settings) -> web.Application:
     app.router.add_route("*", "/v1/{tail:.*}", _other_v1)
     app.cleanup_ctx.append(_resources)
     return app
+
+
+async def _catalog_only(app: web.Application):
+    return (await catalog.current_catalog(app))[0]

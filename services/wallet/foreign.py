@@ -72,9 +72,6 @@ class ForeignSwaps:
         foreign mint and Lightning took. Raises BusError: `foreign_mint_limit` (400),
         `foreign_mint_rate_limited` (429), `mint_unavailable` (503), `cashu_token_already_spent`,
         `invalid_token` (400), `foreign_swap_failed` (502, token unspent)."""
-        if self.max_sats <= 0:
-            raise _fail("mint_not_accepted", f"tokens from {token.mint_url} are not accepted; this node swaps no "
-                        "tokens from mints it does not list", 400)  # fmt: skip
         token_hash = ecash.token_hash(raw)
         async with self._wallet._exclusive(storage.redeem_op(token_hash)) as conn:
             row = await _get(conn, token_hash)

@@ -113,7 +113,7 @@ class NodeWallet:
         except ecash.TokenError as exc:
             raise _fail("invalid_token", str(exc), 400) from None
         if token.mint_url not in self._accepted:
-            if self.foreign is not None and self._accepted:  # swapped into a listed mint over Lightning
+            if self.foreign is not None and self.foreign.max_sats > 0 and self._accepted:  # swapped in over Lightning
                 return await self.foreign.redeem(raw, token, self._accepted[0])
             accepted = ", ".join(self._accepted) or "none"
             raise _fail(

@@ -34,19 +34,20 @@ async def issue_split(wallet, conn: asyncpg.Connection, key: str, sats: int) -> 
         parts[part.mint_url] = part
     remaining = sats - sum(p.amount_msat // 1000 for p in parts.values())
     balances = await storage.balances(conn)
+    plan: dict[str, int] = {}  # planned in full first: nothing is cut unless the parts add up
     for mint, held in balances.items():
         if remaining <= 0:
             break
         if mint in parts:
             continue
         cut = await _cuttable(conn, wallet._mints.get(mint), min(remaining, held))
-        if cut < 1:
-            continue
-        parts[mint] = await wallet.issue(cut * 1000, part_key(key, mint), mint)
-        remaining -= parts[mint].amount_msat // 1000
+        if cut >= 1:
+            plan[mint] = cut
+            remaining -= cut
     if remaining > 0:
-        held = sum(balances.values())
-        raise wallet.insufficient(sats, held)
+        raise wallet.insufficient(sats, sum(balances.values()))
+    for mint, cut in plan.items():
+        parts[mint] = await wallet.issue(cut * 1000, part_key(key, mint), mint)
     entries = {}
     for mint, part in parts.items():
         proofs = ecash.parse_token(part.token).proofs
