@@ -6,6 +6,7 @@ the node's listed mint, `fee_mint` (100 ppk input fee, its own keys) plays the u
 from __future__ import annotations
 
 import asyncio
+import re
 
 import aiohttp
 import asyncpg
@@ -400,3 +401,52 @@ async def test_paid_call_without_credentials_keeps_its_401_and_carries_the_reque
     assert (request.a, request.u, request.m) == (2, "sat", [mint.url]), request
     async with http.post(f"{node.url}{CHAT}", json=body, headers=auth("sk-" + "1" * 64)) as response:
         assert response.status == 401 and "X-Cashu" not in response.headers  # a wrong key is not a price question
+
+
+# ---- NUT-11 locks and NUT-12 DLEQ -----------------------------------------------------------------
+
+
+async def _node_pubkey(http, node) -> str:
+    async with http.get(f"{node.url}/v1/info") as response:
+        info = await response.json()
+    assert response.status == 200 and re.fullmatch(r"0[23][0-9a-f]{64}", info["p2pk_pubkey"]), info
+    return info["p2pk_pubkey"]
+
+
+async def test_tokens_locked_to_the_node_pay_and_others_are_refused_unspent(make_node, http, client_wallet):
+    node = await make_node(CORE, **FIXED)
+    pubkey = await _node_pubkey(http, node)
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100}
+    async with http.post(f"{node.url}{CHAT}", json=body) as response:
+        request = _decode_request(response.headers["X-Cashu"])
+    assert request.nut10 is not None and (request.nut10.k, request.nut10.d) == ("P2PK", pubkey), request
+    locked = await client_wallet.token(request.a + 3, lock_to=pubkey)
+    async with http.post(f"{node.url}{CHAT}", json=body, headers={"X-Cashu": locked}) as response:
+        assert response.status == 200, await response.text()
+        change = response.headers["X-Cashu"]
+    assert await client_wallet.receive(change) == 3
+    thief = ecash.PrivateKey().public_key.format().hex()  # somebody else's key
+    for v4 in (True, False):
+        other = await client_wallet.token(5, lock_to=thief, v4=v4)
+        async with http.post(f"{node.url}/v1/balance/create", json={"initial_balance_token": other}) as response:
+            refused = await response.json()
+        assert response.status == 400 and "locked" in refused["detail"], refused
+        assert not await client_wallet.is_spent(other)
+    result = await reconcile(node.settings.nats_url)
+    assert result.difference_msat == 0 and result.covered, result
+
+
+async def test_dleq_proofs_are_checked_before_any_swap(make_node, nc, client_wallet, mint):
+    await start_wallet(make_node, nc)
+    good = await client_wallet.token(6, dleq=True)
+    assert all(p.dleq for p in ecash.parse_token(good).proofs)  # the client kept them in the token
+    assert (await redeem(nc, good)).credited_msat == 6000
+    forged = ecash.TokenV4.deserialize(await client_wallet.token(7, dleq=True))
+    for group in forged.t:
+        for proof in group.p:
+            proof.d.s = bytes.fromhex(ecash.PrivateKey().to_hex())  # not the mint's proof any more
+    bad = forged.serialize(include_dleq=True)
+    error = await error_of(redeem(nc, bad))
+    assert (error.code, error.status) == ("invalid_token", 400) and "DLEQ" in error.message
+    assert not await client_wallet.is_spent(bad)
+    assert (await holdings(nc)).unspent_msat == 6000

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 from services.gateway import balance, catalog, lightning
 from services.gateway.billing_client import BillingClient
 from services.gateway.errors import detail_error, openai_error
-from services.gateway.payment_request import Quoter
+from services.gateway.payment_request import NODE_KEY, NodeKey, Quoter
 from services.gateway.proxy import MODEL, REQUEST_ID, Proxy
 from services.gateway.ratelimit import RateLimiter, client_address
 from shared import messaging
@@ -132,7 +132,8 @@ async def _resources(app: web.Application) -> None:
     )
     billing = BillingClient(nc, nc.jetstream())
     proxy = Proxy(settings, session, billing, app[METRICS], lambda: catalog.usd_per_msat(app))
-    proxy.quoter = Quoter(settings, lambda: _catalog_only(app), lambda: None)
+    app[NODE_KEY] = NodeKey(lambda: app[NC])
+    proxy.quoter = Quoter(settings, lambda: _catalog_only(app), app[NODE_KEY].get)
     app[PROXY] = proxy
     app[balance.BALANCE] = balance.BalanceAPI(billing)
     app[lightning.LIGHTNING] = lightning.LightningAPI(nc)

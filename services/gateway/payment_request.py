@@ -11,13 +11,21 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
+import math
+import time
 from collections.abc import Awaitable, Callable, Sequence
 
 import cbor2
+from aiohttp import web
+from nats.aio.client import Client as NATS
 
 from shared import bus, pricing
 from shared.config import Settings
 from shared.messaging import BusError
+from shared.messaging import request as ask
+
+log = logging.getLogger(__name__)
 
 
 def token_face_sats(token: str) -> int | None:
@@ -56,7 +64,10 @@ class Quoter:
     """The most a call can cost (msat), the way billing reserves it, from the gateway's cached catalog."""
 
     def __init__(
-        self, settings: Settings, catalog: Callable[[], Awaitable[bus.Catalog]], pubkey: Callable[[], str | None]
+        self,
+        settings: Settings,
+        catalog: Callable[[], Awaitable[bus.Catalog]],
+        pubkey: Callable[[], Awaitable[str | None]],
     ):
         self._settings = settings
         self._catalog = catalog
@@ -81,7 +92,31 @@ class Quoter:
         completion = max_tokens if max_tokens is not None and max_tokens >= 0 else limit
         return pricing.max_cost(price, max(prompt_tokens, 0), completion)
 
-    def header(self, cost_msat: int) -> dict[str, str]:
+    async def header(self, cost_msat: int) -> dict[str, str]:
         """The `X-Cashu` payment request for a call costing `cost_msat` (rounded up to whole sats)."""
         sats = max(1, -(-cost_msat // pricing.MSAT_PER_SAT))
-        return {"X-Cashu": encode_request(sats, self._settings.cashu_mints, self._pubkey())}
+        return {"X-Cashu": encode_request(sats, self._settings.cashu_mints, await self._pubkey())}
+
+
+class NodeKey:
+    """The wallet's NUT-11 public key, asked for once and cached (None while the wallet cannot say)."""
+
+    RETRY_AFTER = 10.0  # seconds before asking again after the wallet did not answer
+
+    def __init__(self, nc: Callable[[], NATS]):
+        self._nc = nc
+        self._pubkey: str | None = None
+        self._asked_at = -math.inf
+
+    async def get(self) -> str | None:
+        if self._pubkey is None and time.monotonic() - self._asked_at >= self.RETRY_AFTER:
+            self._asked_at = time.monotonic()
+            try:
+                answer = await ask(self._nc(), bus.WALLET_PUBKEY, bus.PubkeyQuery(), bus.NodePubkey, timeout=1.0)
+                self._pubkey = answer.pubkey or None
+            except BusError as exc:
+                log.info("the wallet did not tell its P2PK key yet: %s", exc.error.code)
+        return self._pubkey
+
+
+NODE_KEY = web.AppKey("node_key", NodeKey)

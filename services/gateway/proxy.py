@@ -163,7 +163,7 @@ class Proxy:
         except CredentialError as exc:
             self.metrics.payments.labels("unknown", exc.code).inc()
             cost = await self.quoter.max_cost_msat(model.strip(), prompt_estimate, limit) if self.quoter else None
-            pay = self.quoter.header(cost) if cost is not None and exc.code == "missing_api_key" else None
+            pay = await self.quoter.header(cost) if cost is not None and exc.code == "missing_api_key" else None
             return openai_error(exc.status, exc.message, exc.code, headers=pay)
         if cred.mode == "xcashu" and self.quoter is not None:
             refusal = await self._too_small(cred, model.strip(), prompt_estimate, limit)
@@ -186,7 +186,7 @@ class Proxy:
             headers = await self.change(cred)
             if exc.error.status == 402 and "X-Cashu" not in headers and self.quoter is not None:
                 cost = await self.quoter.max_cost_msat(model.strip(), prompt_estimate, limit)
-                headers = self.quoter.header(cost) if cost is not None else headers
+                headers = await self.quoter.header(cost) if cost is not None else headers
             return from_bus(exc.error, headers=headers)
         self.metrics.payments.labels(cred.mode, "ok").inc()
         request[MODEL] = reserved.model
@@ -206,7 +206,7 @@ class Proxy:
             return None
         self.metrics.payments.labels(cred.mode, "insufficient_balance").inc()
         message = f"Insufficient balance: {cost} msat required, the X-Cashu token holds {face * 1000} msat"
-        return openai_error(402, message, "insufficient_balance", headers=self.quoter.header(cost))
+        return openai_error(402, message, "insufficient_balance", headers=await self.quoter.header(cost))
 
     async def passthrough(self, request: web.Request) -> web.StreamResponse:
         """Any other `/v1/*` read: forwarded for a known key, free (it runs no model)."""

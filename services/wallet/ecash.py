@@ -49,6 +49,8 @@ with _tame_cashu_import():
     from cashu.core.crypto import b_dhke
     from cashu.core.crypto.keys import derive_keyset_short_id
     from cashu.core.crypto.secp import PrivateKey, PublicKey
+    from cashu.core.p2pk import P2PKSecret, SigFlags, schnorr_sign
+    from cashu.core.secret import Secret, SecretKind
     from cashu.core.split import amount_split
     from cashu.wallet.helpers import deserialize_token_from_string
     from cashu.wallet.secrets import WalletSecrets
@@ -64,7 +66,10 @@ def _to_logging(message) -> None:
 _loguru.remove()
 _loguru.add(_to_logging, level="WARNING")
 
-__all__ = ["BlindedMessage", "BlindedSignature", "Proof", "PublicKey", "TokenV3"]
+__all__ = [
+    "BlindedMessage", "BlindedSignature", "P2PKSecret", "PrivateKey", "Proof", "PublicKey", "Secret", "SecretKind",
+    "SigFlags", "TokenV3", "schnorr_sign",
+]  # fmt: skip
 
 MAX_TOKEN_BYTES = 64 * 1024
 MAX_SATS = 21_000_000 * 100_000_000
@@ -227,6 +232,11 @@ class Secrets:
 
     def __repr__(self) -> str:
         return "Secrets(<hidden>)"
+
+    @property
+    def derivation(self) -> WalletSecrets:
+        """The seed's BIP-32 derivation (`.bip32`), for keys other than outputs' (the P2PK key)."""
+        return self._derivation
 
     async def outputs(self, keyset_id: str, counter: int, amounts: Sequence[int]) -> list[Output]:
         if not amounts:

@@ -93,6 +93,7 @@ class ForeignSwaps:
             raise _fail("foreign_mint_limit", f"tokens from mints this node does not list are swapped up to "
                         f"{self.max_sats} sat; this one holds {face} sat", 400)  # fmt: skip
         keysets = await self._wallet._keysets_for(foreign, token.proofs)
+        await self._wallet.unlock(foreign, token.proofs)
         fee_in = ecash.input_fee(token.proofs, keysets)
         states = await self._states(foreign, token.proofs)
         if any(s == "SPENT" for s in states.values()):

@@ -24,6 +24,7 @@ import asyncpg
 from services.wallet import ecash, lnurl, split, storage
 from services.wallet.ecash import BlindedSignature, Keyset, Output, Proof
 from services.wallet.foreign import ForeignSwaps
+from services.wallet.locks import Locks
 from services.wallet.mints import (
     OUTPUTS_SIGNED,
     PROOFS_PENDING,
@@ -92,6 +93,7 @@ class NodeWallet:
         self._metrics = metrics
         self._locks = _KeyLocks()
         self.foreign: ForeignSwaps | None = None  # set by the app when tokens of unlisted mints are swapped
+        self.locks: Locks | None = None  # NUT-11/12: set by the app to check DLEQs and sign P2PK locks
 
     @contextlib.asynccontextmanager
     async def _exclusive(self, name: str) -> AsyncIterator[asyncpg.Connection]:
@@ -126,6 +128,7 @@ class NodeWallet:
                 return _redeemed(row, already=True)
             client = self._mints.get(token.mint_url)
             keysets = await self._keysets_for(client, token.proofs)
+            await self.unlock(client, token.proofs)
             fresh = row is None
             if fresh:
                 row = await self._plan_redemption(conn, client, token, token_hash, keysets)
@@ -171,6 +174,17 @@ class NodeWallet:
         if ecash.expand_keyset_ids(proofs, keysets):
             raise _fail("invalid_token", "the token's keyset is not a sat keyset of its mint", 400)
         return keysets
+
+    async def unlock(self, client: MintClient, proofs: Sequence[Proof]) -> None:
+        """NUT-12 DLEQ checks and NUT-11 signatures for the node's key, before any swap or melt; raises
+        BusError `invalid_token` (400) for a bad DLEQ or a lock the node cannot open."""
+        if self.locks is None or not any(p.dleq is not None or p.secret.startswith("[") for p in proofs):
+            return
+        keys = {kid: await self._keys(client, kid) for kid in {p.id for p in proofs}}
+        try:
+            self.locks.unlock(proofs, keys)
+        except ecash.TokenError as exc:
+            raise _fail("invalid_token", str(exc), 400) from None
 
     async def _plan_redemption(
         self,
