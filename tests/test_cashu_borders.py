@@ -6,6 +6,7 @@ the node's listed mint, `fee_mint` (100 ppk input fee, its own keys) plays the u
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 
 import aiohttp
@@ -18,6 +19,7 @@ from services.wallet import ecash
 from shared import bus, messaging
 from tests.conftest import serve_app
 from tests.support.keys import funded_key, reconcile
+from tests.test_discovery import Relay, tags_of
 from tests.test_gateway import auth, balance
 from tests.test_lightning import new_invoice, status
 from tests.test_wallet import error_of, holdings, redeem, start_wallet, with_mint
@@ -75,7 +77,7 @@ class FaultyMint:
 async def faulty_fee_mint(fee_mint):
     relay = await FaultyMint(fee_mint.url).start()
     yield relay
-    await relay.stop()
+    relay.stop()
 
 
 def _is_swap(redeemed: bus.Redeemed, face: int, listed: str) -> None:
@@ -450,3 +452,22 @@ async def test_dleq_proofs_are_checked_before_any_swap(make_node, nc, client_wal
     assert (error.code, error.status) == ("invalid_token", 400) and "DLEQ" in error.message
     assert not await client_wallet.is_spent(bad)
     assert (await holdings(nc)).unspent_msat == 6000
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def nostr_relay():
+    relay = Relay(processes.free_port())
+    await relay.start()
+    yield relay
+    relay.stop()
+
+
+async def test_the_announcement_carries_the_nodes_p2pk_key(make_node, nostr_relay, http):
+    relay = nostr_relay
+    node = await make_node(
+        services=("billing", "wallet", "discovery", "gateway"), RELAYS=relay.url, HTTP_URL="https://node.example"
+    )
+    pubkey = await _node_pubkey(http, node)
+    [event] = await relay.wait_for(lambda evs: len(evs) == 1 and "p2pk" in tags_of(evs[0]))
+    assert tags_of(event)["p2pk"] == [pubkey]
+    assert json.loads(event.content())["p2pk_pubkey"] == pubkey
