@@ -233,7 +233,7 @@ class NodeWallet:
 
     # ---- issue ---------------------------------------------------------------------------------
 
-    async def issue(self, amount_msat: int, key: str, mint_url: str | None) -> bus.Issued:
+    async def issue(self, amount_msat: int, key: str, mint_url: str | None, split_ok: bool = True) -> bus.Issued:
         sats = _whole_sats(amount_msat, key)
         async with self._exclusive(storage.issue_op(key)) as conn:
             row = await storage.get_issue(conn, key)
@@ -259,6 +259,8 @@ class NodeWallet:
                     continue
             if unavailable is not None:
                 raise _unavailable(unavailable)
+            if not split_ok:
+                raise self.insufficient(sats, sum(balances.values()))
             return await split.issue_split(self, conn, key, sats)  # no one mint holds enough: one part each
 
     @staticmethod
@@ -472,7 +474,9 @@ class NodeWallet:
         inputs = await storage.pending_inputs(conn, storage.payout_op(key))
         if not inputs:
             try:
-                issued = await self.issue(row["inputs_sat"] * 1000, storage.payout_inputs_key(key), row["mint_url"])
+                issued = await self.issue(
+                    row["inputs_sat"] * 1000, storage.payout_inputs_key(key), row["mint_url"], split_ok=False
+                )
             except BusError:
                 await storage.drop_payout(conn, key)
                 raise

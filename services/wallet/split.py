@@ -30,7 +30,7 @@ async def issue_split(wallet, conn: asyncpg.Connection, key: str, sats: int) -> 
     NodeWallet; raises its BusError `insufficient_funds` (503) when the mints together hold too little."""
     parts: dict[str, bus.Issued] = {}
     for row in await parts_of(conn, key):
-        part = await wallet.issue(row["amount_sat"] * 1000, row["idempotency_key"], row["mint_url"])
+        part = await wallet.issue(row["amount_sat"] * 1000, row["idempotency_key"], row["mint_url"], split_ok=False)
         parts[part.mint_url] = part
     remaining = sats - sum(p.amount_msat // 1000 for p in parts.values())
     balances = await storage.balances(conn)
@@ -47,7 +47,7 @@ async def issue_split(wallet, conn: asyncpg.Connection, key: str, sats: int) -> 
     if remaining > 0:
         raise wallet.insufficient(sats, sum(balances.values()))
     for mint, cut in plan.items():
-        parts[mint] = await wallet.issue(cut * 1000, part_key(key, mint), mint)
+        parts[mint] = await wallet.issue(cut * 1000, part_key(key, mint), mint, split_ok=False)
     entries = {}
     for mint, part in parts.items():
         proofs = ecash.parse_token(part.token).proofs
