@@ -75,9 +75,9 @@ class FaultyMint:
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def faulty_fee_mint(fee_mint):
-    relay = await FaultyMint(fee_mint.url).start()
-    yield relay
-    relay.stop()
+    faulty = await FaultyMint(fee_mint.url).start()
+    yield faulty
+    await faulty.stop()
 
 
 def _is_swap(redeemed: bus.Redeemed, face: int, listed: str) -> None:
