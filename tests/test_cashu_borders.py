@@ -16,6 +16,7 @@ from aiohttp import web
 
 from devstack import processes
 from services.wallet import ecash
+from services.wallet.app import WALLET
 from shared import bus, messaging
 from tests.conftest import serve_app
 from tests.support.keys import funded_key, reconcile
@@ -125,6 +126,28 @@ async def test_melt_whose_reply_was_lost_is_resolved_and_credited_once(make_node
     assert faulty_fee_mint.calls["/v1/melt/bolt11"] == 1  # NUT-05 quote state said paid: no second melt
     assert (await holdings(nc)).unspent_msat == redeemed.credited_msat
     assert (await redeem(nc, token)).already
+
+
+async def test_crash_after_a_paid_melt_is_finished_by_the_sweeper(make_node, nc, fee_client_wallet, mint):
+    """The melt paid but the wallet died before minting: the sweeper mints the invoice's ecash, and the
+    client's retry with the same token is answered (and so credited) from the finished swap."""
+    node = await start_wallet(make_node, nc)
+    token = await fee_client_wallet.token(50)
+    first = await redeem(nc, token)
+    conn = await asyncpg.connect(node.settings.database_url)
+    try:
+        quote_id = await conn.fetchval("SELECT mint_quote_id FROM wallet.foreign_swaps")
+        await conn.execute("UPDATE wallet.foreign_swaps SET state = 'melting', done_at = NULL")
+        await conn.execute("DELETE FROM wallet.proofs WHERE op = $1", f"mint:{quote_id}")
+        await conn.execute("UPDATE wallet.mint_quotes SET state = 'minting' WHERE quote_id = $1", quote_id)
+        assert (await holdings(nc)).unspent_msat == 0
+        assert await node.runners[-1].app[WALLET].foreign.resolve_stale(older_than=0) == 1
+        assert await conn.fetchval("SELECT state FROM wallet.foreign_swaps") == "done"
+    finally:
+        await conn.close()
+    assert (await holdings(nc)).unspent_msat == first.credited_msat
+    again = await redeem(nc, token)
+    assert (again.already, again.credited_msat) == (True, first.credited_msat)
 
 
 async def test_foreign_mint_down_is_503_and_token_stays_unspent(make_node, nc, fee_client_wallet):
