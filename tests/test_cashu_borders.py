@@ -6,6 +6,7 @@ the node's listed mint, `fee_mint` (100 ppk input fee, its own keys) plays the u
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import re
 
@@ -15,6 +16,7 @@ import pytest_asyncio
 from aiohttp import web
 
 from devstack import processes
+from services.gateway.payment_request import token_face_sats
 from services.wallet import ecash
 from services.wallet.app import WALLET
 from shared import bus, messaging
@@ -187,7 +189,9 @@ async def test_swaps_off_refuses_unlisted_mints(make_node, nc, fee_client_wallet
 # ---- through the public API -----------------------------------------------------------------------
 
 
-async def test_create_and_topup_with_foreign_tokens_credit_less_than_face(make_node, http, fee_client_wallet):
+async def test_create_topup_and_x_cashu_with_foreign_tokens_credit_less_than_face(
+    make_node, http, fee_client_wallet, client_wallet
+):
     node = await make_node(CORE)
     token = await fee_client_wallet.token(50)
     async with http.post(f"{node.url}/v1/balance/create", json={"initial_balance_token": token}) as response:
@@ -205,6 +209,16 @@ async def test_create_and_topup_with_foreign_tokens_credit_less_than_face(make_n
     result = await reconcile(node.settings.nats_url)
     assert result.difference_msat == 0 and result.covered, result
     assert result.wallet_unspent_msat == topped["balance"], result
+    # Paying a call with X-Cashu from the unlisted mint: swapped in, change from the node's own mint.
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+    async with http.post(f"{node.url}/v1/chat/completions", json=body,
+                         headers={"X-Cashu": await fee_client_wallet.token(60)}) as response:  # fmt: skip
+        assert response.status == 200, await response.text()
+        change = response.headers["X-Cashu"]
+    assert list(_mints_of(change)) == [node.settings.cashu_mints[0]]
+    assert 0 < await client_wallet.receive(change) < 60
+    result = await reconcile(node.settings.nats_url)
+    assert result.difference_msat == 0 and result.covered, result
 
 
 async def test_dead_foreign_mint_over_http_is_503_with_retry_after(make_node, http, fee_client_wallet):
@@ -494,3 +508,19 @@ async def test_the_announcement_carries_the_nodes_p2pk_key(make_node, nostr_rela
     [event] = await relay.wait_for(lambda evs: len(evs) == 1 and "p2pk" in tags_of(evs[0]))
     assert tags_of(event)["p2pk"] == [pubkey]
     assert json.loads(event.content())["p2pk_pubkey"] == pubkey
+
+
+def test_token_face_value_is_read_without_a_mint():
+    proof = {"id": "00ad268c4d1f5826", "amount": 8, "secret": "s", "C": "02" + "11" * 32}
+    v3 = _v3({"token": [{"mint": "http://m", "proofs": [proof, {**proof, "amount": 2}]}], "unit": "sat"})
+    assert token_face_sats(v3) == 10
+    v4 = ecash.TokenV4.deserialize(ecash.encode_token("http://m", [ecash.Proof(**proof)])).serialize()
+    assert token_face_sats(v4) == 8
+    for bad in ("cashuA!!", "cashuB" + "A" * 10, _v3({"token": [], "unit": "sat"}), "cashuX" + v3[6:],
+                _v3({"token": [{"mint": "m", "proofs": [{**proof, "amount": -1}]}]}),
+                _v3({"token": [{"mint": "m", "proofs": [proof]}], "unit": "usd"})):  # fmt: skip
+        assert token_face_sats(bad) is None, bad
+
+
+def _v3(body: dict) -> str:
+    return "cashuA" + base64.urlsafe_b64encode(json.dumps(body).encode()).decode().rstrip("=")
