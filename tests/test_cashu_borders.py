@@ -237,6 +237,7 @@ async def test_dead_foreign_mint_over_http_is_503_with_retry_after(make_node, ht
 
 async def test_paid_invoices_are_credited_without_a_status_call(make_node, http):
     node = await make_node(CORE)
+    await make_node(("billing",))  # a second billing replica watching the same invoices
     key = await funded_key(node.settings.nats_url, 2_000)
     topup = await new_invoice(http, node, 12, "topup", headers=auth(key))
     create = await new_invoice(http, node, 7, "create")
@@ -250,6 +251,8 @@ async def test_paid_invoices_are_credited_without_a_status_call(make_node, http)
         else:
             raise AssertionError(f"not credited by itself: {states}")
         assert states == {topup["invoice_id"]: "paid", create["invoice_id"]: "paid"}
+        credits = await conn.fetchval("SELECT count(*) FROM billing.ledger WHERE kind = 'lightning_deposit'")
+        assert credits == 2  # once per invoice, whichever replica saw it first
     finally:
         await conn.close()
     paid = await status(http, node, create["invoice_id"])  # the new key is still shown once, funded
