@@ -162,8 +162,8 @@ async def test_foreign_mint_down_is_503_and_token_stays_unspent(make_node, nc, f
     assert (await holdings(nc)).unspent_msat == 0
 
 
-async def test_operator_limits_refuse_with_the_reason(make_node, nc, fee_client_wallet):
-    await start_wallet(make_node, nc, CASHU_FOREIGN_MAX_SATS="80", CASHU_FOREIGN_HOURLY_SATS="120")
+async def test_operator_limits_refuse_with_the_reason(make_node, nc, http, fee_client_wallet):
+    node = await start_wallet(make_node, nc, CASHU_FOREIGN_MAX_SATS="80", CASHU_FOREIGN_HOURLY_SATS="120")
     big = await fee_client_wallet.token(100)
     error = await error_of(redeem(nc, big))
     assert (error.code, error.status) == ("foreign_mint_limit", 400)
@@ -176,6 +176,10 @@ async def test_operator_limits_refuse_with_the_reason(make_node, nc, fee_client_
     assert "120 sat an hour" in error.message
     for token in (big, second):
         assert not await fee_client_wallet.is_spent(token)
+    async with http.get(f"{node.urls['wallet']}/metrics") as response:
+        text = await response.text()
+    assert 'routstr_foreign_swaps_total{outcome="limit"} 2.0' in text
+    assert 'routstr_foreign_swaps_total{outcome="credited"} 1.0' in text
 
 
 async def test_swaps_off_refuses_unlisted_mints(make_node, nc, fee_client_wallet, mint):

@@ -90,6 +90,7 @@ class ForeignSwaps:
     ) -> bus.Redeemed:  # fmt: skip
         face = token.amount
         if face > self.max_sats:
+            self._count("limit")
             raise _fail("foreign_mint_limit", f"tokens from mints this node does not list are swapped up to "
                         f"{self.max_sats} sat; this one holds {face} sat", 400)  # fmt: skip
         keysets = await self._wallet._keysets_for(foreign, token.proofs)
@@ -119,6 +120,7 @@ class ForeignSwaps:
                 return await self._melt(conn, row, foreign, token.proofs)
             except _Retry:
                 invoice -= max(1, reserve_estimate(invoice))
+        self._count("failed")
         raise _fail("foreign_swap_failed", f"{foreign.url} would not pay this node's invoice after {MAX_ATTEMPTS} "
                     "attempts; the token is unspent and still yours", 502)  # fmt: skip
 
@@ -151,6 +153,7 @@ class ForeignSwaps:
                     " WHERE created_at > now() - interval '1 hour' AND token_hash <> $1", token_hash,
                 )  # fmt: skip
                 if swapped + face > self.hourly_sats:
+                    self._count("limit")
                     raise _fail("foreign_mint_rate_limited", f"this node swaps at most {self.hourly_sats} sat an hour "
                                 f"from mints it does not list ({swapped} sat so far); pay with a token from "
                                 "one of its mints or try later", 429, 600)  # fmt: skip
@@ -232,9 +235,13 @@ class ForeignSwaps:
             "UPDATE wallet.foreign_swaps SET state = 'done', done_at = now() WHERE token_hash = $1 RETURNING *",
             row["token_hash"],
         )
+        self._count("credited")
         log.info("swapped a %d sat token from %s into %d sat at %s", row["amount_sat"], row["foreign_mint"],
                  row["invoice_sat"], row["mint_url"])  # fmt: skip
         return _redeemed(row, already=False)
+
+    def _count(self, outcome: str) -> None:
+        self._wallet._metrics.foreign_swaps.labels(outcome).inc()
 
     async def _states(self, client: MintClient, proofs: Sequence[Proof]) -> dict[str, str]:
         try:
