@@ -162,8 +162,10 @@ class Proxy:
             cred = credential(request)
         except CredentialError as exc:
             self.metrics.payments.labels("unknown", exc.code).inc()
-            cost = await self.quoter.max_cost_msat(model.strip(), prompt_estimate, limit) if self.quoter else None
-            pay = await self.quoter.header(cost) if cost is not None and exc.code == "missing_api_key" else None
+            pay = None
+            if exc.code == "missing_api_key" and self.quoter is not None:  # NUT-24: say what would pay
+                cost = await self.quoter.max_cost_msat(model.strip(), prompt_estimate, limit)
+                pay = await self.quoter.header(cost) if cost is not None else None
             return openai_error(exc.status, exc.message, exc.code, headers=pay)
         if cred.mode == "xcashu" and self.quoter is not None:
             refusal = await self._too_small(cred, model.strip(), prompt_estimate, limit)
