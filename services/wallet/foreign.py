@@ -93,6 +93,7 @@ class ForeignSwaps:
             self._count("limit")
             raise _fail("foreign_mint_limit", f"tokens from mints this node does not list are swapped up to "
                         f"{self.max_sats} sat; this one holds {face} sat", 400)  # fmt: skip
+        await self._within_hourly_limit(conn, token_hash, face)  # before any quote; again under the lock
         keysets = await self._wallet._keysets_for(foreign, token.proofs)
         await self._wallet.unlock(foreign, token.proofs)
         fee_in = ecash.input_fee(token.proofs, keysets)
@@ -124,6 +125,18 @@ class ForeignSwaps:
         raise _fail("foreign_swap_failed", f"{foreign.url} would not pay this node's invoice after {MAX_ATTEMPTS} "
                     "attempts; the token is unspent and still yours", 502)  # fmt: skip
 
+    async def _within_hourly_limit(self, conn: asyncpg.Connection, token_hash: str, face: int) -> None:
+        """Raise `foreign_mint_rate_limited` (429) when swapping `face` more sats would pass the hour's limit."""
+        swapped = await conn.fetchval(
+            "SELECT coalesce(sum(amount_sat), 0) FROM wallet.foreign_swaps"
+            " WHERE created_at > now() - interval '1 hour' AND token_hash <> $1", token_hash,
+        )  # fmt: skip
+        if swapped + face > self.hourly_sats:
+            self._count("limit")
+            raise _fail("foreign_mint_rate_limited", f"this node swaps at most {self.hourly_sats} sat an hour "
+                        f"from mints it does not list ({swapped} sat so far); pay with a token from "
+                        "one of its mints or try later", 429, 600)  # fmt: skip
+
     async def _quotes(self, foreign: MintClient, target: MintClient, invoice: int) -> tuple[dict, dict]:
         try:
             mint_quote = await target.mint_quote(invoice)
@@ -147,16 +160,7 @@ class ForeignSwaps:
         the hourly limit is checked under one lock so replicas cannot overshoot it together."""
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", HOUR_LOCK)
-            if attempt == 1:
-                swapped = await conn.fetchval(
-                    "SELECT coalesce(sum(amount_sat), 0) FROM wallet.foreign_swaps"
-                    " WHERE created_at > now() - interval '1 hour' AND token_hash <> $1", token_hash,
-                )  # fmt: skip
-                if swapped + face > self.hourly_sats:
-                    self._count("limit")
-                    raise _fail("foreign_mint_rate_limited", f"this node swaps at most {self.hourly_sats} sat an hour "
-                                f"from mints it does not list ({swapped} sat so far); pay with a token from "
-                                "one of its mints or try later", 429, 600)  # fmt: skip
+            await self._within_hourly_limit(conn, token_hash, face)
             await storage.record_mint_quote(conn, mint_quote["quote"], target_url, invoice, mint_quote["request"],
                                             int(mint_quote.get("expiry") or 0))  # fmt: skip
             return await conn.fetchrow(
