@@ -531,3 +531,11 @@ def test_token_face_value_is_read_without_a_mint():
 
 def _v3(body: dict) -> str:
     return "cashuA" + base64.urlsafe_b64encode(json.dumps(body).encode()).decode().rstrip("=")
+
+
+async def test_foreign_token_locked_to_the_node_is_swapped_in(make_node, nc, fee_client_wallet, mint):
+    await start_wallet(make_node, nc)
+    key = await messaging.request(nc, bus.WALLET_PUBKEY, bus.PubkeyQuery(), bus.NodePubkey)
+    token = await fee_client_wallet.token(40, lock_to=key.pubkey, dleq=True)
+    _is_swap(await redeem(nc, token), 40, mint.url)
+    assert await fee_client_wallet.is_spent(token)
