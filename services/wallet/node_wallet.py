@@ -234,6 +234,9 @@ class NodeWallet:
     # ---- issue ---------------------------------------------------------------------------------
 
     async def issue(self, amount_msat: int, key: str, mint_url: str | None, split_ok: bool = True) -> bus.Issued:
+        """A token of floor(`amount_msat`/1000) sat, idempotent by `key`: from `mint_url` when it holds
+        enough, else from any mint that does, else (`split_ok`) one part per mint in one V3 token
+        (`split.py`). Raises BusError `insufficient_funds` (503) when the mints together hold too little."""
         sats = _whole_sats(amount_msat, key)
         async with self._exclusive(storage.issue_op(key)) as conn:
             row = await storage.get_issue(conn, key)
@@ -265,6 +268,7 @@ class NodeWallet:
 
     @staticmethod
     def insufficient(sats: int, held: int) -> BusError:
+        """The `insufficient_funds` refusal (503, retry in 30 s) for cutting `sats` while holding `held` sat."""
         return _fail("insufficient_funds", f"the wallet cannot cut {sats} sat (it holds {held} sat)", 503, 30)
 
     async def _issue_from(self, conn: asyncpg.Connection, key: str, sats: int, client: MintClient) -> bus.Issued:
