@@ -83,14 +83,14 @@ class Quoter:
         except BusError:
             return None
         entry = next((m for m in catalog.models if model == m.id or model in m.aliases), None)
-        if entry is not None:
-            price, limit = entry.price, entry.max_completion_tokens
-        elif catalog.fixed_pricing:
-            price, limit = self._fixed, self._settings.default_max_tokens
+        if entry is not None and entry.enabled:  # held at its dearest route, so failover is covered
+            prices, limit = (entry.price, *(r.price for r in entry.routes)), entry.max_completion_tokens
+        elif entry is None and catalog.fixed_pricing:
+            prices, limit = (self._fixed,), self._settings.default_max_tokens
         else:
             return None
         completion = max_tokens if max_tokens is not None and max_tokens >= 0 else limit
-        return pricing.max_cost(price, max(prompt_tokens, 0), completion)
+        return max(pricing.max_cost(price, max(prompt_tokens, 0), completion) for price in prices)
 
     async def header(self, cost_msat: int) -> dict[str, str]:
         """The `X-Cashu` payment request for a call costing `cost_msat` (rounded up to whole sats)."""
