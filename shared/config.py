@@ -80,8 +80,23 @@ SETTINGS_DOC: dict[str, tuple[str, str, bool]] = {
     ),
     "UPSTREAM_BASE_URL": ("", "OpenAI-compatible upstream base URL, e.g. https://api.openai.com/v1", False),
     "UPSTREAM_API_KEY": ("", "Key the gateway sends upstream; clients' credentials are never forwarded", True),
-    "UPSTREAM_TIMEOUT": ("300", "Seconds an upstream call may take in all", False),
+    "UPSTREAM_TIMEOUT": (
+        "300",
+        "Seconds the upstream may stay silent: the default of UPSTREAM_FIRST_BYTE_TIMEOUT and UPSTREAM_IDLE_TIMEOUT"
+        " (a stream that keeps producing is never cut)",
+        False,
+    ),
     "UPSTREAM_CONNECT_TIMEOUT": ("10", "Seconds to connect to the upstream", False),
+    "UPSTREAM_FIRST_BYTE_TIMEOUT": (
+        "",
+        "Seconds from sending a call until the upstream answers; empty = UPSTREAM_TIMEOUT",
+        False,
+    ),
+    "UPSTREAM_IDLE_TIMEOUT": (
+        "",
+        "Longest gap in seconds between two reads of an upstream answer; empty = UPSTREAM_TIMEOUT",
+        False,
+    ),
     "CASHU_MINTS": ("", "Comma-separated mint URLs whose tokens the node accepts", False),
     "DATABASE_URL": ("", "Postgres URL; `make run` starts its own Postgres when empty", True),
     "NATS_URL": ("", "NATS URL (JetStream enabled); `make run` starts its own NATS when empty", False),
@@ -122,6 +137,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     upstream_api_key: str
     upstream_timeout: int
     upstream_connect_timeout: int
+    upstream_first_byte_timeout: int
+    upstream_idle_timeout: int
     cashu_mints: tuple[str, ...]
     database_url: str
     nats_url: str
@@ -185,6 +202,9 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv: Path | None 
             raise ConfigError(f"{name}: must be greater than 0, got {value}")
         return value
 
+    def positive_or(name: str, fallback: str) -> int:
+        return positive(name if get(name).strip() else fallback)
+
     def non_negative(name: str) -> int:
         value = _int(name, get(name))
         if value < 0:
@@ -223,6 +243,8 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv: Path | None 
         upstream_api_key=get("UPSTREAM_API_KEY").strip(),
         upstream_timeout=positive("UPSTREAM_TIMEOUT"),
         upstream_connect_timeout=positive("UPSTREAM_CONNECT_TIMEOUT"),
+        upstream_first_byte_timeout=positive_or("UPSTREAM_FIRST_BYTE_TIMEOUT", "UPSTREAM_TIMEOUT"),
+        upstream_idle_timeout=positive_or("UPSTREAM_IDLE_TIMEOUT", "UPSTREAM_TIMEOUT"),
         cashu_mints=tuple(_mint("CASHU_MINTS", m) for m in _list(get("CASHU_MINTS"))),
         database_url=database_url,
         nats_url=nats_url,
