@@ -286,6 +286,19 @@ async def test_a_stream_that_keeps_producing_outlives_upstream_timeout(make_node
     )
 
 
+async def test_a_stream_silent_past_the_idle_timeout_is_ended_and_charged_for_what_arrived(make_node, http):
+    node = await make_node(("billing", "wallet", "gateway"), UPSTREAM_IDLE_TIMEOUT="1", **PRICES)
+    key = await funded_key(node.settings.nats_url, FUNDS)
+    # The first chunk (role only, no text) after 2 s, then 2 s of silence: cut after 1 s of it.
+    body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "[[tokens:1]] [[slow:2]]"}]}
+    async with http.post(f"{node.url}{CHAT}", json=body, headers=auth(key)) as response:
+        events = [e for e in (await response.text()).split("\n\n") if e]
+    assert '"role": "assistant"' in events[0]
+    assert json.loads(events[-2][6:])["error"]["code"] == "upstream_error" and events[-1] == "data: [DONE]"
+    info = await settled_balance(http, node, key)
+    assert FUNDS - info["balance"] == formula(metering.estimate_prompt_tokens(body), 0)
+
+
 # ---- units: the per-provider semantics and what counts as delivered -----------------------------
 
 

@@ -273,10 +273,12 @@ class Proxy:
     async def _peek(self, upstream: aiohttp.ClientResponse) -> bytes:
         """The body's first bytes, enough to tell an event stream from anything else (all of it if short)."""
         head = b""
-        async for chunk in self._chunks(upstream):
-            head += chunk
-            if len(head.lstrip(b"\xef\xbb\xbf\r\n")) >= 8:
+        while len(head.lstrip(b"\xef\xbb\xbf\r\n")) < 8:
+            async with asyncio.timeout(self.settings.upstream_idle_timeout):
+                chunk = await upstream.content.readany()
+            if not chunk:
                 break
+            head += chunk
         return head
 
     async def forward(self, request: web.Request, call: Call) -> web.StreamResponse:
