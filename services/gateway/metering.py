@@ -144,22 +144,32 @@ def _text(value: object) -> int:
 
 
 def _message_chars(message: object) -> int:
-    """A Chat ``message`` or streamed ``delta``: content, refusal, reasoning, tool calls, audio transcript."""
+    """A Chat ``message`` or streamed ``delta``: content, refusal, reasoning, tool calls, audio transcript.
+
+    Servers that send reasoning under both ``reasoning_content`` and ``reasoning`` are counted once.
+    Walks only the keys present (a streamed delta has one or two), since this runs for every chunk.
+    """
     if not isinstance(message, dict):
         return 0
-    content = message.get("content")
-    total = _text(content) if not isinstance(content, list) else sum(_part_chars(p) for p in content)
-    total += _text(message.get("refusal"))
-    total += max(_text(message.get("reasoning_content")), _text(message.get("reasoning")))
-    calls = message.get("tool_calls")
-    for call in calls if isinstance(calls, list) else ():
-        if isinstance(call, dict):
-            total += _function_chars(call.get("function"))
-    total += _function_chars(message.get("function_call"))
-    audio = message.get("audio")
-    if isinstance(audio, dict):
-        total += _text(audio.get("transcript"))
-    return total
+    total = reasoning = 0
+    for key, value in message.items():
+        if value is None:
+            continue
+        if key == "content":
+            total += (
+                len(value) if isinstance(value, str) else sum(map(_part_chars, value)) if isinstance(value, list) else 0
+            )
+        elif key == "refusal":
+            total += _text(value)
+        elif key in ("reasoning_content", "reasoning"):
+            reasoning = max(reasoning, _text(value))
+        elif key == "tool_calls" and isinstance(value, list):
+            total += sum(_function_chars(call.get("function")) for call in value if isinstance(call, dict))
+        elif key == "function_call":
+            total += _function_chars(value)
+        elif key == "audio" and isinstance(value, dict):
+            total += _text(value.get("transcript"))
+    return total + reasoning
 
 
 def _function_chars(function: object) -> int:

@@ -40,6 +40,16 @@ class EventFramer:
         buffer = self._buffer + chunk if self._buffer else chunk
         events: list[bytes] = []
         start, line_start, scan, end = 0, self._line_start, len(buffer), len(buffer)
+        if b"\r" not in buffer:  # LF only, the usual case: the same rules, found with bytes.find
+            at = buffer.find(b"\n", self._scan)
+            while at >= 0:
+                if at == line_start:
+                    events.append(buffer[start : at + 1])
+                    start = at + 1
+                line_start = at + 1
+                at = buffer.find(b"\n", line_start)
+            self._buffer, self._scan, self._line_start = buffer[start:], end - start, line_start - start
+            return events
         for match in _LINE_END.finditer(buffer, self._scan):
             at, after = match.span()
             if after == end and after - at == 1 and buffer[at] == _CR:
