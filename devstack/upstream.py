@@ -11,7 +11,8 @@ directives in the last message's text, so a test drives it through the gateway u
   [[replay:NAME]] or [[replay:NAME:CUT]]  (anywhere in a POST body, on any path) answer with the corpus
                  transcript devstack/corpus/NAME.* byte for byte; its extension gives the content type.
                  CUT: whole (one write, the default), awkward (a separate write inside every CRLF, every
-                 multi-byte UTF-8 character and every `data:`), bytes (one byte per write)
+                 multi-byte UTF-8 character and every `data:`), bytes (one byte per write), drop (the
+                 connection dies halfway through)
 
 Upstream 429 and 503 answers carry `Retry-After` and `x-ratelimit-*` headers, as OpenAI's do.
 """
@@ -77,6 +78,11 @@ async def _replay(request: web.Request, name: str, cut: str) -> web.StreamRespon
     data = files[0].read_bytes()
     response = web.StreamResponse(headers={"Content-Type": _CONTENT_TYPES[files[0].suffix]})
     await response.prepare(request)
+    if cut == "drop":  # the upstream dies halfway through
+        await response.write(data[: len(data) // 2])
+        await asyncio.sleep(0.01)
+        request.transport.close()
+        return response
     if cut == "whole":
         pieces = [data]
     else:

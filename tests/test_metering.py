@@ -299,6 +299,24 @@ async def test_a_stream_silent_past_the_idle_timeout_is_ended_and_charged_for_wh
     assert FUNDS - info["balance"] == formula(metering.estimate_prompt_tokens(body), 0)
 
 
+@pytest.mark.parametrize(("name", "path"), [("anthropic_messages_stream", "/v1/messages"),
+                                           ("responses_stream_completed", "/v1/responses")])  # fmt: skip
+async def test_an_upstream_dying_mid_stream_is_told_in_the_apis_own_error_event(node, http, name, path):
+    key = await funded_key(node.settings.nats_url, FUNDS)
+    transcript = next(t for t in TRANSCRIPTS if t.name == name)
+    body = request_body(transcript, "drop")
+    async with http.post(f"{node.url}{path}", json=body, headers=auth(key)) as response:
+        got = frame(await response.read())
+    sent = frame(next(CORPUS.glob(f"{name}.*")).read_bytes())
+    assert got[:-1] == sent[: len(got) - 1], "every whole event before the break, byte for byte"
+    error = sse.parse(got[-1])
+    assert error.event == "error" and json.loads(error.data)["type"] == "error"
+    charged = FUNDS - (await settled_balance(http, node, key))["balance"]
+    prompt = metering.estimate_prompt_tokens(body)
+    # Charged by the estimate of what arrived, never by usage the upstream did not finish reporting.
+    assert formula(prompt, 0) <= charged < formula(prompt, 60) < formula(*transcript.reported[:2])
+
+
 # ---- units: the per-provider semantics and what counts as delivered -----------------------------
 
 

@@ -328,7 +328,10 @@ class Proxy:
         """An upstream error: relayed in the OpenAI shape, charged nothing, change returned; a 429 or 503
         keeps the upstream's Retry-After and rate-limit headers so SDKs back off."""
         self.metrics.upstream_errors.labels(f"http_{upstream.status}").inc()
-        data = await upstream.read()
+        try:
+            data = b"".join([chunk async for chunk in self._chunks(upstream)])
+        except (aiohttp.ClientError, TimeoutError):
+            data = b""  # the error's body never came whole: answer with its status alone
         await self.finish(call, upstream.status, failed=True)
         try:
             body = _json_decode(data)
@@ -428,11 +431,7 @@ class Proxy:
                     raw = self._costed_report(call, raw, usage_report, settled, client_wants_usage)
                 await response.write(raw)
             if failed:
-                error = {"error": {"message": "The upstream provider failed mid-stream", "type": "server_error",
-                                   "code": "upstream_error"}}  # fmt: skip
-                await response.write(b"data: " + _json_encode(error) + b"\n\n")
-                if call.path.endswith("completions"):
-                    await response.write(b"data: [DONE]\n\n")
+                await response.write(_midstream_error(call))
             await response.write_eof()
         except (ConnectionError, asyncio.CancelledError) as exc:
             # The client went away: stop reading upstream (the finally releases it), settle what it got.
@@ -502,6 +501,22 @@ class Proxy:
         """On shutdown: let settlements and change that are under way finish."""
         if self.background:
             await asyncio.wait(self.background, timeout=10)
+
+
+_MIDSTREAM = "The upstream provider failed mid-stream"
+
+
+def _midstream_error(call: Call) -> bytes:
+    """The event that tells a client its stream broke off, in its API's own error-event shape."""
+    if call.provider_type == "anthropic":
+        error = {"type": "error", "error": {"type": "api_error", "message": _MIDSTREAM}}
+        return b"event: error\ndata: " + _json_encode(error) + b"\n\n"
+    if call.path.endswith("/responses"):
+        error = {"type": "error", "code": "upstream_error", "message": _MIDSTREAM, "param": None}
+        return b"event: error\ndata: " + _json_encode(error) + b"\n\n"
+    error = {"error": {"message": _MIDSTREAM, "type": "server_error", "code": "upstream_error"}}
+    done = b"data: [DONE]\n\n" if call.path.endswith("completions") else b""
+    return b"data: " + _json_encode(error) + b"\n\n" + done
 
 
 def _parse(data: bytes) -> dict | None:
