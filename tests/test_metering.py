@@ -16,6 +16,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import asyncpg
 import pytest
 import pytest_asyncio
@@ -206,6 +207,27 @@ async def test_non_json_answer_carries_change_and_cost_headers(node, http, clien
     assert headers["X-Routstr-Cost-Msats"] == str(charge)
     assert await client_wallet.receive(headers["X-Cashu"]) == (60_000 - charge) // 1000
     assert (await reconcile(node.settings.nats_url)).difference_msat == 0
+
+
+@pytest.mark.parametrize(("name", "charge_of"), [
+    ("transcription", lambda fields: formula(14, 45)),  # usage in tokens: believed
+    ("transcription_whisper", lambda fields: formula(metering.estimate_prompt_tokens(fields), math.ceil(36 / 4))),
+])  # fmt: skip
+async def test_multipart_audio_transcription_is_forwarded_and_metered(node, http, name, charge_of):
+    key = await funded_key(node.settings.nats_url, FUNDS)
+    fields = {"model": "gpt-4o-transcribe", "prompt": f"Names: Lúmen, Köln. [[replay:{name}]]"}
+    form = aiohttp.FormData()
+    for field, value in fields.items():
+        form.add_field(field, value)
+    form.add_field("file", (CORPUS / "speech.mp3").read_bytes(), filename="speech.mp3", content_type="audio/mpeg")
+    async with http.post(f"{node.url}/v1/audio/transcriptions", data=form, headers=auth(key)) as response:
+        assert response.status == 200, await response.text()
+        got = await response.json()
+    sent = json.loads((CORPUS / f"{name}.json").read_bytes())
+    assert without_cost(got) == sent
+    charge = charge_of(fields)
+    assert got["cost"]["total_msats"] == charge
+    assert FUNDS - (await settled_balance(http, node, key))["balance"] == charge
 
 
 async def test_client_leaving_before_the_first_byte_is_settled_at_once(node, http, client_wallet):

@@ -208,7 +208,7 @@ def body_output_chars(body: dict) -> int:
     content = body.get("content")
     if isinstance(content, list) and body.get("type") == "message":  # Anthropic Messages
         return sum(_part_chars(block) for block in content)
-    return 0
+    return _text(body.get("text"))  # an audio transcription or translation
 
 
 def _anthropic_event_chars(kind: str, event: dict) -> int:
@@ -267,6 +267,12 @@ class Meter:
             return None
         kind = event.get("type")
         if not isinstance(kind, str):
+            return None
+        if kind.startswith("transcript.text."):  # a streamed transcription: deltas, then usage in ".done"
+            if kind == "transcript.text.delta":
+                self.output_chars += _text(event.get("delta"))
+            elif isinstance(event.get("usage"), dict):
+                self.reported = normalize_usage(event["usage"], self.provider_type)
             return None
         if kind.startswith("response."):
             self.output_chars += _responses_event_chars(kind, event)

@@ -16,6 +16,8 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from email.parser import BytesParser
+from email.policy import HTTP
 
 import aiohttp
 import msgspec
@@ -64,6 +66,7 @@ class Call:
     reserved: bus.Reserved
     prompt_estimate: int
     provider_type: str = "generic"
+    form: bytes | None = None  # a multipart/form-data body, forwarded as it came
     started: float = field(default_factory=time.monotonic)
     meter: Meter = field(init=False)
     charged: Tokens | None = None  # what the settlement charged, once known
@@ -149,14 +152,16 @@ class Proxy:
         """A model call (`POST /v1/...` with a JSON body naming a model): reserve, forward, settle."""
         path = request.path
         raw = await request.read()
+        form = raw if request.content_type == "multipart/form-data" else None  # audio transcriptions
         try:
-            body = _json_decode(raw) if raw else None
+            body = _form_fields(raw, request.headers["Content-Type"]) if form else _json_decode(raw) if raw else None
         except msgspec.DecodeError:
             return openai_error(400, "Request body is not valid JSON", "invalid_json")
         except RecursionError:
             return openai_error(400, "Request body is nested too deeply", "invalid_json")
         if not isinstance(body, dict):
-            return openai_error(400, "Request body must be a JSON object", "invalid_body")
+            kind = "a multipart form with a model field" if form else "a JSON object"
+            return openai_error(400, f"Request body must be {kind}", "invalid_body")
         model = request.headers.get("X-Routstr-Model") or body.get("model")
         if not isinstance(model, str) or not model.strip():
             return openai_error(400, "you must provide a model parameter", "missing_model")
@@ -188,8 +193,8 @@ class Proxy:
         self.metrics.payments.labels(cred.mode, "ok").inc()
         request[MODEL] = reserved.model
         if reserved.model != body.get("model") and "X-Routstr-Model" not in request.headers:
-            body["model"] = reserved.model  # an alias: upstream knows the canonical id
-        call = Call(request[REQUEST_ID], cred, path, body, reserved, prompt_estimate, self.provider_type(path))
+            body["model"] = reserved.model  # an alias: upstream knows the canonical id (a form goes as sent)
+        call = Call(request[REQUEST_ID], cred, path, body, reserved, prompt_estimate, self.provider_type(path), form)
         return await self.forward(request, call)
 
     @staticmethod
@@ -290,9 +295,12 @@ class Proxy:
             call.body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
         url = self.base + call.path.removeprefix("/v1")
         headers = {**self._forward_headers(request), **self.auth, "Content-Type": "application/json"}
+        data = _json_encode(call.body)
+        if call.form is not None:
+            headers["Content-Type"], data = request.headers["Content-Type"], call.form
         started = time.monotonic()
         try:
-            upstream = await self._open(request, url, _json_encode(call.body), headers)
+            upstream = await self._open(request, url, data, headers)
         except (aiohttp.ClientError, TimeoutError) as exc:
             await self.finish(call, 502, failed=True)
             failure = self._upstream_failure(exc)
@@ -362,6 +370,8 @@ class Proxy:
         body = _parse(data) if upstream.content_type in ("application/json", "") or data[:1] == b"{" else None
         if body is not None:
             call.meter.body(body)
+        elif upstream.content_type.startswith("text/"):  # e.g. a transcription as text, srt or vtt
+            call.meter.output_chars += len(data.decode("utf-8", "replace"))
         settled = await self.finish(call, upstream.status)
         headers = await self.change(call.cred)
         if settled is not None:
@@ -517,6 +527,19 @@ def _midstream_error(call: Call) -> bytes:
     error = {"error": {"message": _MIDSTREAM, "type": "server_error", "code": "upstream_error"}}
     done = b"data: [DONE]\n\n" if call.path.endswith("completions") else b""
     return b"data: " + _json_encode(error) + b"\n\n" + done
+
+
+def _form_fields(raw: bytes, content_type: str) -> dict | None:
+    """The text fields of a multipart/form-data body (files left out), or None when it is not a valid form."""
+    message = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + raw)
+    if not message.is_multipart():
+        return None
+    fields = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if name and part.get_filename() is None:
+            fields[name] = part.get_content() if part.get_content_maintype() == "text" else None
+    return fields
 
 
 def _parse(data: bytes) -> dict | None:
