@@ -554,4 +554,4 @@ def _parse(data: bytes) -> dict | None:
 def _event_json(raw: bytes) -> dict | None:
     """The JSON object an SSE event's data carries, or None (comments, `[DONE]`, other text)."""
     data = sse.parse(raw).data
-    return _parse(data) if data and data[:1] == b"{" else None
+    return _parse(data) if data and data.lstrip()[:1] == b"{" else None
