@@ -271,6 +271,7 @@ async def test_upstream_rate_limit_answer_keeps_its_retry_headers(node, http, di
         assert response.status == status
         assert response.headers["Retry-After"] == "7"
         assert response.headers["x-ratelimit-remaining-requests"] == "0"
+        assert response.headers["X-Routstr-Cost-Msats"] == "0"
         assert (await response.json())["error"]["code"] == "upstream_error"
     assert (await settled_balance(http, node, key))["balance"] == FUNDS
 

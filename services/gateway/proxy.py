@@ -302,10 +302,7 @@ class Proxy:
         try:
             upstream = await self._open(request, url, data, headers)
         except (aiohttp.ClientError, TimeoutError) as exc:
-            await self.finish(call, 502, failed=True)
-            failure = self._upstream_failure(exc)
-            failure.headers.update(await self.change(call.cred))
-            return failure
+            return await self._refuse(call, self._upstream_failure(exc))
         if upstream is None:
             # The client left before the first byte: nothing was delivered, so nothing is charged, and
             # the reservation is released now so the key's balance (or X-Cashu change) is free at once.
@@ -321,10 +318,7 @@ class Proxy:
             try:
                 head = await self._peek(upstream)
             except (aiohttp.ClientError, TimeoutError) as exc:
-                await self.finish(call, 502, failed=True)
-                failure = self._upstream_failure(exc)
-                failure.headers.update(await self.change(call.cred))
-                return failure
+                return await self._refuse(call, self._upstream_failure(exc))
             if head.lstrip(b"\xef\xbb\xbf\r\n").startswith(_SSE_STARTS):
                 return await self.stream(request, call, upstream, client_wants_usage, head)
             return await self.whole(call, upstream, head)
@@ -340,7 +334,6 @@ class Proxy:
             data = b"".join([chunk async for chunk in self._chunks(upstream)])
         except (aiohttp.ClientError, TimeoutError):
             data = b""  # the error's body never came whole: answer with its status alone
-        await self.finish(call, upstream.status, failed=True)
         try:
             body = _json_decode(data)
             message = body["error"]["message"] if isinstance(body.get("error"), dict) else str(body)
@@ -349,13 +342,22 @@ class Proxy:
         status = upstream.status if upstream.status < 500 or upstream.status == 503 else 502
         if upstream.status in (401, 403):
             status, message = 502, "The upstream provider rejected the node's credentials"
-        headers = await self.change(call.cred)
+        headers = {}
         if upstream.status in (429, 503):
-            headers.update({
+            headers = {
                 name: value for name, value in upstream.headers.items()
                 if name.lower() in _RETRY_HEADERS or name.lower().startswith(_RATE_LIMIT_PREFIXES)
-            })  # fmt: skip
-        return openai_error(status, message, "upstream_error", headers=headers)
+            }  # fmt: skip
+        return await self._refuse(call, openai_error(status, message, "upstream_error", headers=headers))
+
+    async def _refuse(self, call: Call, response: web.Response) -> web.Response:
+        """A call that delivered nothing: settled as failed (nothing charged), answered with its change and
+        the (zero) cost headers."""
+        settled = await self.finish(call, response.status, failed=True)
+        response.headers.update(await self.change(call.cred))
+        if settled is not None:
+            response.headers.update(cost_fields(call, settled, self.usd_per_msat())[1])
+        return response
 
     async def whole(self, call: Call, upstream: aiohttp.ClientResponse, head: bytes) -> web.Response:
         """A whole answer: read, settle, then sent with the change and cost headers (and, for JSON, the
@@ -363,10 +365,7 @@ class Proxy:
         try:
             data = b"".join([chunk async for chunk in self._chunks(upstream, head)])
         except (aiohttp.ClientError, TimeoutError) as exc:
-            await self.finish(call, 502, failed=True)
-            failure = self._upstream_failure(exc)
-            failure.headers.update(await self.change(call.cred))
-            return failure
+            return await self._refuse(call, self._upstream_failure(exc))
         body = _parse(data) if upstream.content_type in ("application/json", "") or data[:1] == b"{" else None
         if body is not None:
             call.meter.body(body)
@@ -405,8 +404,9 @@ class Proxy:
         failed = False
         try:
             await response.prepare(request)
-        except ConnectionError:
-            await self._close_out(call, settle=True)  # the client left as the answer began: nothing delivered
+        except ConnectionError:  # the client left as the answer began: nothing was delivered, nothing is charged
+            await self.finish(call, 499, failed=True)
+            await self.change(call.cred)
             return response
         self.metrics.streams_in_flight.inc()
         framer = sse.EventFramer()
