@@ -370,6 +370,7 @@ def test_anthropic_stream_usage_merges_message_start_and_message_delta():
     usage = {"input_tokens": 12, "cache_read_input_tokens": 2000, "cache_creation_input_tokens": 0, "output_tokens": 1}
     start = {"type": "message_start", "message": {"usage": usage}}
     assert meter.event(start) is None
+    assert meter.reported is None, "message_start's output count (1) is not the answer's"
     assert meter.event({"type": "message_delta", "delta": {}, "usage": {"output_tokens": 89}}) == "usage"
     assert meter.reported == Tokens(2012, 89, 2000, 0)
 

@@ -289,13 +289,15 @@ class Meter:
         return None
 
     def _anthropic(self, usage: object, role: str | None) -> str | None:
-        """Anthropic streams report usage twice: ``message_start`` (input and cache), then ``message_delta``
-        (cumulative output, sometimes input again): the latest value of each field wins."""
+        """Anthropic streams report usage twice: ``message_start`` (input and cache, output so far: ~1), then
+        ``message_delta`` (cumulative output, sometimes input again): the latest value of each field wins,
+        and usage counts as reported only once ``message_delta`` came (a stream ending before it has none)."""
         if not isinstance(usage, dict):
             return None
         merged = {**(self._anthropic_usage or {}), **{k: v for k, v in usage.items() if v is not None}}
         self._anthropic_usage = merged
-        self.reported = normalize_usage(merged, "anthropic")
+        if role == "usage":
+            self.reported = normalize_usage(merged, "anthropic")
         return role
 
     def body(self, body: dict) -> None:
