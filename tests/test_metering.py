@@ -47,6 +47,7 @@ class Transcript:
     stream: bool
     reported: Tokens | None = None  # the usage to charge, when the transcript's usage is believable
     output_chars: int = 0  # else: characters of output delivered (counted by hand from the transcript)
+    answered: bool = True  # False: no answer reached the client, so nothing is charged
 
 
 TRANSCRIPTS = [
@@ -74,6 +75,8 @@ TRANSCRIPTS = [
     Transcript("anthropic_messages_stream", "/v1/messages", True, Tokens(2512, 89, 2000, 500)),
     Transcript("anthropic_message", "/v1/messages", False, Tokens(21 + 188, 13, 0, 188)),
     Transcript("openai_chat_refusal", CHAT, False, Tokens(31, 12)),
+    # Only keep-alives and [DONE]: no answer reached the client.
+    Transcript("empty_stream", CHAT, True, answered=False),
     # A full answer with usage of zeros: not believable, charged by the estimate of 77 characters.
     Transcript("openai_chat_zero_usage", CHAT, False, output_chars=77),
 ]
@@ -154,6 +157,8 @@ def costed_report(sent_raw: bytes, got_raw: bytes) -> dict:
 
 
 def expected_charge(transcript: Transcript, body: dict) -> int:
+    if not transcript.answered:
+        return 0
     if transcript.reported is not None:
         return formula(transcript.reported.prompt, transcript.reported.completion)
     return formula(metering.estimate_prompt_tokens(body), math.ceil(transcript.output_chars / 4))
@@ -332,6 +337,7 @@ async def test_an_upstream_dying_mid_stream_is_told_in_the_apis_own_error_event(
         got = frame(await response.read())
     sent = frame(next(CORPUS.glob(f"{name}.*")).read_bytes())
     assert got[:-1] == sent[: len(got) - 1], "every whole event before the break, byte for byte"
+    assert len(got) - 1 >= len(sent) // 3, "the events sent before the break reach the client"
     error = sse.parse(got[-1])
     assert error.event == "error" and json.loads(error.data)["type"] == "error"
     charged = FUNDS - (await settled_balance(http, node, key))["balance"]

@@ -402,6 +402,7 @@ class Proxy:
         held: list[bytes] = []  # the usage report first, then every event after it
         usage_report: dict | None = None
         failed = False
+        answered = False  # whether any event with a JSON payload reached the client
         try:
             await response.prepare(request)
         except ConnectionError:  # the client left as the answer began: nothing was delivered, nothing is charged
@@ -412,9 +413,10 @@ class Proxy:
         framer = sse.EventFramer()
 
         async def relay(raw: bytes) -> None:
-            nonlocal usage_report
+            nonlocal usage_report, answered
             parsed = _event_json(raw)
             role = call.meter.event(parsed) if parsed is not None else None
+            answered = answered or parsed is not None
             if held or role == "usage":
                 usage_report = usage_report if held else parsed
                 held.append(raw)
@@ -430,12 +432,16 @@ class Proxy:
                 if tail:  # an event the upstream never terminated: still the client's, and counted
                     await relay(tail + sse.terminator(tail))
             except (aiohttp.ClientError, TimeoutError) as exc:
-                # The upstream died or went silent mid-stream: tell the client inside the stream, charge what it got.
+                # The upstream died or went silent mid-stream: relay the whole events it sent before (an event it
+                # broke off is dropped), tell the client inside the stream, charge what it got.
+                for raw in framer.feed(_received_before_failure(upstream)):
+                    await relay(raw)
                 self.metrics.upstream_errors.labels("midstream").inc()
                 log.warning("upstream stream failed: %s", exc.__class__.__name__)
                 failed = True
                 call.meter.reported = None
-            settled = await self.finish(call, upstream.status)
+            # A stream that carried no answer at all (empty, or only keep-alives and `[DONE]`) costs nothing.
+            settled = await self.finish(call, upstream.status, failed=not answered)
             for index, raw in enumerate(held):
                 if index == 0 and usage_report is not None:
                     raw = self._costed_report(call, raw, usage_report, settled, client_wants_usage)
@@ -527,6 +533,15 @@ def _midstream_error(call: Call) -> bytes:
     error = {"error": {"message": _MIDSTREAM, "type": "server_error", "code": "upstream_error"}}
     done = b"data: [DONE]\n\n" if call.path.endswith("completions") else b""
     return b"data: " + _json_encode(error) + b"\n\n" + done
+
+
+def _received_before_failure(upstream: aiohttp.ClientResponse) -> bytes:
+    """Body bytes that arrived ahead of a connection failure: aiohttp raises the failure before handing them
+    over, and offers no public way to take them (`_read_nowait` of the pinned aiohttp)."""
+    try:
+        return upstream.content._read_nowait(-1)
+    except Exception:
+        return b""
 
 
 def _form_fields(raw: bytes, content_type: str) -> dict | None:
