@@ -1,9 +1,9 @@
 """`make run`: the whole node on one machine.
 
 Starts NATS (JetStream) and Postgres on free ports unless NATS_URL / DATABASE_URL point at existing
-ones, a dev mint when no CASHU_MINTS and a demo upstream when no UPSTREAM_BASE_URL (each announced
-by a loud banner), applies migrations, starts the four services and waits for Ctrl-C, then stops
-everything it started.
+ones, a dev mint when no CASHU_MINTS and a demo upstream when neither UPSTREAM_BASE_URL nor
+PROVIDERS_PATH names a provider (each announced by a loud banner), applies migrations, starts the
+four services and waits for Ctrl-C, then stops everything it started.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def main() -> int:
             started.append(mint)
             env["CASHU_MINTS"] = mint.url
             banner(f"no CASHU_MINTS set: a local FakeWallet mint at {mint.url} (its ecash is worthless)")
-        if not settings.upstream_base_url:
+        if not settings.upstream_base_url and not settings.providers_path:
             port = processes.free_port()
             log = (RUN_DIR / "upstream.log").open("wb")
             children["upstream"] = subprocess.Popen(
@@ -108,7 +108,8 @@ def main() -> int:
         for port in (settings.billing_port, settings.wallet_port, settings.discovery_port, settings.port):
             _wait_ready(f"http://127.0.0.1:{port}/readyz", children)  # "up" means every service answers
         print(f"\nRoutstr node is up. Gateway: {gateway}  (logs in {RUN_DIR}/; Ctrl-C stops everything)")
-        print(f"  mints: {env['CASHU_MINTS']}\n  upstream: {env['UPSTREAM_BASE_URL']}")
+        upstream = env.get("UPSTREAM_BASE_URL") or f"the providers in {settings.providers_path}"
+        print(f"  mints: {env['CASHU_MINTS']}\n  upstream: {upstream}")
         if not settings.cashu_mints:
             print("  a dev token: .venv/bin/python -m devstack.token 100\n", flush=True)
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))

@@ -22,9 +22,10 @@ import pytest
 import pytest_asyncio
 
 from devstack import processes
+from devstack.upstream import create_app as create_upstream
 from services.gateway import metering, sse
 from services.gateway.metering import Meter, Tokens
-from tests.conftest import node_env, start_node
+from tests.conftest import node_env, serve_app, start_node
 from tests.support.keys import funded_key, reconcile
 from tests.test_gateway import CHAT, auth, balance, settled_balance
 
@@ -33,6 +34,7 @@ CORPUS = Path(__file__).resolve().parent.parent / "devstack" / "corpus"
 PRICES = {"FIXED_PRICING": "true", "FIXED_COST_PER_REQUEST": "1", "FIXED_PER_1K_INPUT_TOKENS": "2",
           "FIXED_PER_1K_OUTPUT_TOKENS": "10"}  # fmt: skip
 FUNDS = 1_000_000
+CLAUDE = "claude-sonnet-4-5"
 
 
 def formula(prompt: int, completion: int) -> int:
@@ -91,17 +93,37 @@ def module_nats(tmp_path_factory):
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def node(module_nats, postgres, upstream, mint):
-    """One node for every transcript (each call uses a key of its own), to keep the corpus fast."""
+async def node(module_nats, postgres, upstream, mint, tmp_path_factory):
+    """One node for every transcript (each call uses a key of its own), to keep the corpus fast: the stub
+    upstream as the OpenAI-compatible provider, and an Anthropic-flavoured stub as an Anthropic provider."""
     name = f"t_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(postgres.url)
     await admin.execute(f'CREATE DATABASE "{name}"')
     await admin.close()
     database = postgres.url.rsplit("/", 1)[0] + f"/{name}"
-    running = await start_node(node_env(module_nats.url, database, upstream, mint.url, **PRICES),
-                               ("billing", "wallet", "gateway"))  # fmt: skip
+    anthropic_runner, anthropic_url = await serve_app(
+        create_upstream("key-anthropic", ((CLAUDE, 200_000, "", ""),), flavor="anthropic")
+    )
+    providers = tmp_path_factory.mktemp("metering-providers") / "providers.yaml"
+    providers.write_text(
+        json.dumps(
+            {
+                "providers": [
+                    {
+                        "slug": "claude",
+                        "provider_type": "anthropic",
+                        "base_url": f"{anthropic_url}/v1",
+                        "api_key": "key-anthropic",
+                    }
+                ]
+            }
+        )
+    )
+    env = node_env(module_nats.url, database, upstream, mint.url, PROVIDERS_PATH=str(providers), **PRICES)
+    running = await start_node(env, ("billing", "wallet", "gateway"))
     yield running
     await running.stop()
+    await anthropic_runner.cleanup()
     admin = await asyncpg.connect(postgres.url)
     await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     await admin.close()
@@ -111,6 +133,8 @@ def request_body(transcript: Transcript, cut: str) -> dict:
     directive = f"[[replay:{transcript.name}:{cut}]]"
     body: dict = {"model": "gpt-4o-mini", "max_tokens": 200,
                   "messages": [{"role": "user", "content": f"Tell me something. {directive}"}]}  # fmt: skip
+    if transcript.path == "/v1/messages":
+        body["model"] = CLAUDE
     if transcript.path == "/v1/responses":
         body = {"model": "gpt-4.1", "max_output_tokens": 200, "input": f"Tell me a story. {directive}"}
     if transcript.stream:
@@ -299,10 +323,9 @@ async def test_deeply_nested_json_is_a_clear_400_on_every_json_endpoint(node, ht
 
 
 async def test_a_stream_that_keeps_producing_outlives_upstream_timeout(make_node, http):
-    node = await make_node(("billing", "wallet", "gateway"), UPSTREAM_TIMEOUT="1", UPSTREAM_FIRST_BYTE_TIMEOUT="5",
-                           **PRICES)  # fmt: skip
+    node = await make_node(("billing", "wallet", "gateway"), UPSTREAM_TIMEOUT="2", **PRICES)
     key = await funded_key(node.settings.nats_url, FUNDS)
-    # Answers after 1.5 s, then a chunk every 0.25 s: 3 s in all, never silent for UPSTREAM_IDLE_TIMEOUT (1 s).
+    # Answers after 1.5 s, then a chunk every 0.25 s: 3 s in all, never silent for UPSTREAM_TIMEOUT (2 s).
     body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "[[tokens:6]] [[slow:1.5]]"}]}
     async with http.post(f"{node.url}{CHAT}", json=body, headers=auth(key)) as response:
         text = await response.text()

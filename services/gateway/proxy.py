@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from services.gateway.billing_client import BillingClient
 from services.gateway.credentials import Credential, CredentialError, credential
 from services.gateway.errors import from_bus, openai_error
 from services.gateway.metering import Meter, Tokens, estimate_prompt_tokens
+from services.gateway.routing import Router, headers_for
 from shared import bus
 from shared.config import Settings
 from shared.messaging import BusError
@@ -41,6 +43,7 @@ MODEL = web.RequestKey("model", str)
 _DROP_REQUEST = {
     "host", "content-length", "authorization", "x-cashu", "cookie", "connection", "keep-alive",
     "transfer-encoding", "te", "upgrade", "proxy-authorization", "accept-encoding", "x-routstr-model",
+    "x-api-key",
 }  # fmt: skip
 _KEEP_RESPONSE = {"content-type", "openai-processing-ms", "openai-version", "x-request-id"}
 # An upstream's "slow down" answer (429/503) keeps what tells an SDK when to retry.
@@ -65,14 +68,11 @@ class Call:
     body: dict
     reserved: bus.Reserved
     prompt_estimate: int
-    provider_type: str = "generic"
     form: bytes | None = None  # a multipart/form-data body, forwarded as it came
     started: float = field(default_factory=time.monotonic)
-    meter: Meter = field(init=False)
+    meter: Meter = field(default_factory=Meter)  # its provider type is the answering route's (`connect`)
     charged: Tokens | None = None  # what the settlement charged, once known
-
-    def __post_init__(self) -> None:
-        self.meter = Meter(self.provider_type)
+    route: bus.Route | None = None  # the route that answered, once one did
 
     def usage_event(self, status: int, failed: bool = False) -> bus.Usage:
         """The usage to settle: nothing for a failed call, else the meter's charge (reported or estimated)."""
@@ -86,6 +86,8 @@ class Call:
             model=self.reserved.model, prompt_tokens=tokens.prompt, completion_tokens=tokens.completion,
             cache_read_tokens=tokens.cache_read, cache_write_tokens=tokens.cache_write, source=source, status=status,
             ts=time.time(), price=self.reserved.price,
+            route_price=self.route.price if self.route and self.route.price != self.reserved.price else None,
+            provider=self.route.provider if self.route else "",
         )  # fmt: skip
 
 
@@ -136,14 +138,14 @@ class Proxy:
         billing: BillingClient,
         metrics: GatewayMetrics,
         usd_per_msat: Callable[[], float | None],
+        router: Router,
     ):
         self.settings = settings
         self.session = session
         self.billing = billing
         self.metrics = metrics
         self.usd_per_msat = usd_per_msat
-        self.base = settings.upstream_base_url
-        self.auth = {"Authorization": f"Bearer {settings.upstream_api_key}"} if settings.upstream_api_key else {}
+        self.router = router
         self.background: set[asyncio.Task] = set()
 
     # ---- entry points --------------------------------------------------------------------------
@@ -191,16 +193,9 @@ class Proxy:
             self.metrics.payments.labels(cred.mode, exc.error.code).inc()
             return from_bus(exc.error, headers=await self.change(cred))
         self.metrics.payments.labels(cred.mode, "ok").inc()
-        request[MODEL] = reserved.model
-        if reserved.model != body.get("model") and "X-Routstr-Model" not in request.headers:
-            body["model"] = reserved.model  # an alias: upstream knows the canonical id (a form goes as sent)
-        call = Call(request[REQUEST_ID], cred, path, body, reserved, prompt_estimate, self.provider_type(path), form)
+        request[MODEL] = reserved.model  # the forwarded id is set per route (`connect`; a form goes as sent)
+        call = Call(request[REQUEST_ID], cred, path, body, reserved, prompt_estimate, form)
         return await self.forward(request, call)
-
-    @staticmethod
-    def provider_type(path: str) -> str:
-        """The wire format the upstream answers in (`metering.PROVIDER_TYPES`): Anthropic's for its Messages path."""
-        return "anthropic" if path == "/v1/messages" else "generic"
 
     async def passthrough(self, request: web.Request) -> web.StreamResponse:
         """Any other `/v1/*` read: forwarded for a known key, free (it runs no model)."""
@@ -213,9 +208,17 @@ class Proxy:
         except BusError as exc:
             return from_bus(exc.error)
         try:
+            table = await self.router.table()
+        except BusError as exc:
+            return from_bus(exc.error)
+        if not table:
+            return openai_error(503, "No upstream provider is configured", "upstream_unavailable",
+                                headers={"Retry-After": "5"})  # fmt: skip
+        first = min(table.values(), key=lambda u: (u.priority, u.slug))
+        try:
             async with asyncio.timeout(self.settings.upstream_first_byte_timeout), self.session.request(
-                request.method, self.base + request.path.removeprefix("/v1"), params=request.query,
-                headers={**self._forward_headers(request), **self.auth},
+                request.method, first.base_url + request.path.removeprefix("/v1"), params=request.query,
+                headers={**self._forward_headers(request), **headers_for(first, request.path)},
             ) as upstream:  # fmt: skip
                 data = await upstream.read()
                 headers = {k: v for k, v in upstream.headers.items() if k.lower() in _KEEP_RESPONSE}
@@ -293,23 +296,16 @@ class Proxy:
         if streaming and call.path.endswith("completions"):
             # Ask for usage so the call is charged exactly; the usage event reaches the client only if it asked.
             call.body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
-        url = self.base + call.path.removeprefix("/v1")
-        headers = {**self._forward_headers(request), **self.auth, "Content-Type": "application/json"}
-        data = _json_encode(call.body)
-        if call.form is not None:
-            headers["Content-Type"], data = request.headers["Content-Type"], call.form
-        started = time.monotonic()
-        try:
-            upstream = await self._open(request, url, data, headers)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            return await self._refuse(call, self._upstream_failure(exc))
+        upstream = await self.connect(request, call)
+        if isinstance(upstream, web.StreamResponse):
+            return upstream  # no provider answered: refused, nothing charged
         if upstream is None:
             # The client left before the first byte: nothing was delivered, so nothing is charged, and
             # the reservation is released now so the key's balance (or X-Cashu change) is free at once.
             await self.finish(call, 499, failed=True)
             await self.change(call.cred)
             return openai_error(499, "The client closed the request", "client_closed")
-        self.metrics.upstream_ttfb_seconds.labels(call.reserved.model).observe(time.monotonic() - started)
+        started = call.started
         try:
             if upstream.status >= 400:
                 return await self.relay_error(call, upstream)
@@ -325,6 +321,64 @@ class Proxy:
         finally:
             upstream.release()
             self.metrics.upstream_seconds.labels(call.reserved.model).observe(time.monotonic() - started)
+
+    async def connect(self, request: web.Request, call: Call) -> aiohttp.ClientResponse | web.StreamResponse | None:
+        """Try the call's routes in order until one answers; the answer's status line and headers are back.
+
+        A connect error, no first byte within UPSTREAM_FIRST_BYTE_TIMEOUT, `429` or `5xx` moves on to the
+        next route and cools the provider down; the last route's 429/5xx is relayed as it is. With no route
+        left the call is settled as failed (nothing charged) and refused: `503` + `Retry-After` when every
+        provider is cooling down, else `502`/`504` as the last failure was. None: the client left first.
+        """
+        provider_type = "anthropic" if call.path == "/v1/messages" else None
+        try:
+            candidates, wait = await self.router.candidates(call.reserved.routes, provider_type)
+        except BusError:  # billing never told this gateway its providers (it answered the reservation, though)
+            candidates, wait = [], 5.0
+        keep_model = "X-Routstr-Model" in request.headers
+        payload_model = call.body.get("model")
+        failure: BaseException | None = None
+        for i, (upstream, route) in enumerate(candidates):
+            last = i == len(candidates) - 1
+            if not keep_model:
+                call.body["model"] = route.upstream_id
+            headers = {**self._forward_headers(request), "Content-Type": "application/json"}
+            headers.update(headers_for(upstream, call.path))  # its own auth; clients' credentials never go on
+            data = _json_encode(call.body)
+            if call.form is not None:
+                headers["Content-Type"], data = request.headers["Content-Type"], call.form
+            started = time.monotonic()
+            try:
+                response = await self._open(request, upstream.base_url + call.path.removeprefix("/v1"), data, headers)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                self.router.failed(upstream, "first_byte_timeout" if isinstance(exc, TimeoutError) else "connect_error")
+                failure = exc
+                if not last:
+                    self.metrics.provider_failovers.labels(upstream.slug).inc()
+                continue
+            if response is None:
+                return None
+            if (response.status == 429 or response.status >= 500) and not last:
+                response.release()
+                self.router.failed(upstream, "http_429" if response.status == 429 else "http_5xx")
+                self.metrics.provider_failovers.labels(upstream.slug).inc()
+                continue
+            if response.status == 429 or response.status >= 500:
+                self.router.failed(upstream, "http_429" if response.status == 429 else "http_5xx")
+            else:
+                self.router.answered(upstream, time.monotonic() - started)
+            call.route, call.started = route, started
+            call.meter.provider_type = upstream.provider_type
+            self.metrics.upstream_ttfb_seconds.labels(call.reserved.model).observe(time.monotonic() - started)
+            return response
+        call.body["model"] = payload_model
+        if failure is None:
+            retry = str(max(1, math.ceil(wait))) if wait != math.inf else "5"
+            self.metrics.upstream_errors.labels("no_provider").inc()
+            return await self._refuse(call, openai_error(
+                503, "No upstream provider can serve this model right now; retry later", "upstream_unavailable",
+                headers={"Retry-After": retry}))  # fmt: skip
+        return await self._refuse(call, self._upstream_failure(failure))
 
     async def relay_error(self, call: Call, upstream: aiohttp.ClientResponse) -> web.Response:
         """An upstream error: relayed in the OpenAI shape, charged nothing, change returned; a 429 or 503
@@ -524,7 +578,7 @@ _MIDSTREAM = "The upstream provider failed mid-stream"
 
 def _midstream_error(call: Call) -> bytes:
     """The event that tells a client its stream broke off, in its API's own error-event shape."""
-    if call.provider_type == "anthropic":
+    if call.meter.provider_type == "anthropic":
         error = {"type": "error", "error": {"type": "api_error", "message": _MIDSTREAM}}
         return b"event: error\ndata: " + _json_encode(error) + b"\n\n"
     if call.path.endswith("/responses"):
