@@ -73,6 +73,7 @@ class Call:
     meter: Meter = field(default_factory=Meter)  # its provider type is the answering route's (`connect`)
     charged: Tokens | None = None  # what the settlement charged, once known
     route: bus.Route | None = None  # the route that answered, once one did
+    attempts: int = 1  # upstream attempts made, failovers included (the admin request log)
 
     def usage_event(self, status: int, failed: bool = False) -> bus.Usage:
         """The usage to settle: nothing for a failed call, else the meter's charge (reported or estimated)."""
@@ -85,9 +86,9 @@ class Call:
             request_id=self.request_id, key_hash=self.cred.key_hash, reservation_id=self.reserved.reservation_id,
             model=self.reserved.model, prompt_tokens=tokens.prompt, completion_tokens=tokens.completion,
             cache_read_tokens=tokens.cache_read, cache_write_tokens=tokens.cache_write, source=source, status=status,
-            ts=time.time(), price=self.reserved.price,
+            ts=time.time(), price=self.reserved.price, latency_ms=int((time.monotonic() - self.started) * 1000),
             route_price=self.route.price if self.route and self.route.price != self.reserved.price else None,
-            provider=self.route.provider if self.route else "",
+            provider=self.route.provider if self.route else "", attempts=self.attempts,
         )  # fmt: skip
 
 
@@ -340,6 +341,7 @@ class Proxy:
         failure: BaseException | None = None
         for i, (upstream, route) in enumerate(candidates):
             last = i == len(candidates) - 1
+            call.attempts = i + 1
             if not keep_model:
                 call.body["model"] = route.upstream_id
             headers = {**self._forward_headers(request), "Content-Type": "application/json"}
