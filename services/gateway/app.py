@@ -125,7 +125,9 @@ async def _resources(app: web.Application) -> None:
     await messaging.ensure_usage_stream(nc, settings.usage_stream_replicas)
     app[NC] = nc
     app[CHECKS]["nats"] = nats_check(nc)
-    timeout = aiohttp.ClientTimeout(total=settings.upstream_timeout, connect=settings.upstream_connect_timeout)
+    # No cap on a whole call: a stream that keeps producing is never cut. The proxy bounds the wait for
+    # the answer (UPSTREAM_FIRST_BYTE_TIMEOUT) and each gap between reads (UPSTREAM_IDLE_TIMEOUT).
+    timeout = aiohttp.ClientTimeout(total=None, connect=settings.upstream_connect_timeout)
     session = aiohttp.ClientSession(
         timeout=timeout,
         connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=300),

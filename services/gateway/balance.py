@@ -32,7 +32,7 @@ async def json_body(request: web.Request) -> dict:
         return {}
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deeply
         raise web.HTTPBadRequest(text=json.dumps({"detail": "Request body is not valid JSON"}),
                                  content_type="application/json") from None  # fmt: skip
     if not isinstance(body, dict):
