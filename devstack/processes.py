@@ -153,10 +153,11 @@ def start_postgres(workdir: Path) -> Service:
     return Service("postgres", f"postgresql://postgres@127.0.0.1:{port}/postgres", proc, log_path)
 
 
-def start_mint(workdir: Path, input_fee_ppk: int = 0) -> Service:
-    """The nutshell mint with its FakeWallet Lightning backend (invoices pay themselves)."""
+def start_mint(workdir: Path, input_fee_ppk: int = 0, port: int | None = None, **mint_env: str) -> Service:
+    """The nutshell mint with its FakeWallet Lightning backend (invoices pay themselves), on `port` (a free
+    one when None); `mint_env` adds nutshell settings (e.g. MINT_DERIVATION_PATH to rotate its keyset)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MINT_", "CASHU_", "FAKEWALLET_", "TOR"))}
     env.update(
         MINT_BACKEND_BOLT11_SAT="FakeWallet",
@@ -172,6 +173,7 @@ def start_mint(workdir: Path, input_fee_ppk: int = 0) -> Service:
         TOR="false",
         DEBUG="false",
     )
+    env.update(mint_env)
     log_path = workdir / "mint.log"
     # The mint reads `.env` from its working directory, so it gets a folder of its own.
     proc = subprocess.Popen(

@@ -103,6 +103,16 @@ SETTINGS_DOC: dict[str, tuple[str, str, bool]] = {
     "UPSTREAM_PROVIDER_FEE": ("1.05", "Operator margin multiplied onto upstream USD prices", False),
     "DEFAULT_MAX_TOKENS": ("4096", "Completion tokens reserved when a request sets no max_tokens", False),
     "RESERVATION_TTL": ("900", "Seconds before an unsettled reservation is released by the sweeper", False),
+    "DEPENDENCY_TIMEOUT": (
+        "3",
+        "Seconds a Postgres query or a mint call may take before the caller gets 503 with Retry-After",
+        False,
+    ),
+    "PENDING_RETRY_SECONDS": (
+        "10",
+        "Seconds between passes that finish refunds and X-Cashu change left pending by a fault",
+        False,
+    ),
     "USAGE_STREAM_REPLICAS": ("1", "JetStream replicas of the usage stream (3 on a 3-node NATS)", False),
     "ADMIN_PASSWORD": ("", "Secret for the admin API; admin is off when empty", True),
     "RECEIVE_LN_ADDRESS": ("", "Lightning address that operator revenue is paid out to", False),
@@ -147,6 +157,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     admin_password: str
     receive_ln_address: str
     log_level: str
+    dependency_timeout: int = 3
+    pending_retry_seconds: int = 10
 
     def replace(self, **changes: Any) -> Settings:
         return msgspec.structs.replace(self, **changes)
@@ -248,6 +260,8 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv: Path | None 
         admin_password=get("ADMIN_PASSWORD"),
         receive_ln_address=get("RECEIVE_LN_ADDRESS").strip(),
         log_level=level,
+        dependency_timeout=positive("DEPENDENCY_TIMEOUT"),
+        pending_retry_seconds=positive("PENDING_RETRY_SECONDS"),
     )
 
 

@@ -23,9 +23,23 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     """Skip asyncpg's per-release session reset (a round trip on every query) for code keeping no session state."""
 
 
-async def create_pool(url: str, min_size: int = 2, max_size: int = 10, reset_session: bool = True) -> asyncpg.Pool:
+async def create_pool(
+    url: str, min_size: int = 2, max_size: int = 10, reset_session: bool = True, timeout: float = 30
+) -> asyncpg.Pool:
+    """A pool whose connects and statements each give up after `timeout` seconds (`DEPENDENCY_TIMEOUT`), so a
+    stopped Postgres costs a caller a bounded wait and an `unavailable` answer (`is_unavailable`), never a hang."""
     reset = None if reset_session else _keep_session
-    return await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, command_timeout=30, reset=reset)
+    return await asyncpg.create_pool(
+        url, min_size=min_size, max_size=max_size, command_timeout=timeout, timeout=timeout, reset=reset
+    )
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """True when `exc` says Postgres is down, restarting, unreachable or too slow, not that a query is wrong."""
+    return isinstance(
+        exc,
+        OSError | TimeoutError | asyncpg.PostgresConnectionError | asyncpg.exceptions.OperatorInterventionError,
+    )
 
 
 def _files(folder: Path) -> list[tuple[int, str, str]]:

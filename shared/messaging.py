@@ -15,12 +15,13 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
 
-from shared import bus
+from shared import bus, db
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Handler = Callable[[bus.Message], Awaitable[msgspec.Struct]]
 REQUEST_TIMEOUT_READY = 5.0
+PING_INTERVAL = 2.0  # seconds between client pings; two unanswered ones mark the connection lost
 
 
 class BusError(Exception):
@@ -48,6 +49,8 @@ async def connect(url: str, name: str, first_attempt_seconds: float = 2.0) -> NA
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.5,
             connect_timeout=first_attempt_seconds,
+            ping_interval=PING_INTERVAL,  # a stopped server is noticed in seconds, not nats-py's 2 minutes
+            max_outstanding_pings=2,
             allow_reconnect=True,
             error_cb=on_error,
         ),
@@ -69,17 +72,40 @@ class Responder:
         self.in_flight: set[asyncio.Task] = set()
         self.subscriptions: list = []
 
-    async def serve(self, subject: str, handler: Handler) -> None:
+    async def serve(self, subject: str, handler: Handler, deadline: float | None = None) -> None:
+        """Answer `subject` with `handler`. With a `deadline` (seconds), a handler still running then (a
+        stopped database: asyncpg waits for its query's cancellation) earns the caller an `unavailable`
+        503 at once and finishes in the background; every handler is idempotent, so a retry is safe."""
+
+        async def run(msg: Msg) -> msgspec.Struct:
+            work = asyncio.ensure_future(handler(bus.decode(msg.data)))
+            done, _ = await asyncio.wait({work}, timeout=deadline)
+            if done:
+                return work.result()
+            self.in_flight.add(work)
+            work.add_done_callback(_late)
+            log.warning("%s: no answer within %gs; told the caller to retry", subject, deadline)
+            return bus.Error("unavailable", f"{subject}: a dependency is slow or down; retry shortly", 503, 2)
+
+        def _late(work: asyncio.Task) -> None:
+            self.in_flight.discard(work)
+            if not work.cancelled() and work.exception() is not None:
+                log.warning("%s finished late with %s", subject, work.exception().__class__.__name__)
+
         async def answer(msg: Msg) -> None:
             try:
-                reply = await handler(bus.decode(msg.data))
+                reply = await (run(msg) if deadline else handler(bus.decode(msg.data)))
             except msgspec.DecodeError as exc:
                 reply = bus.Error("bad_message", f"undecodable message on {subject}: {exc}", 400)
             except BusError as exc:
                 reply = exc.error
-            except Exception:
-                log.exception("handler for %s failed", subject)
-                reply = bus.Error("internal", f"{subject} failed", 500)
+            except Exception as exc:
+                if not db.is_unavailable(exc):
+                    log.exception("handler for %s failed", subject)
+                    reply = bus.Error("internal", f"{subject} failed", 500)
+                else:  # Postgres down or too slow: the caller retries, it is not a fault of the request
+                    log.warning("%s: database unavailable (%s)", subject, exc.__class__.__name__)
+                    reply = bus.Error("unavailable", "The node's database is unavailable; retry shortly", 503, 2)
             if msg.reply:
                 await msg.respond(bus.encode(reply))
 
@@ -107,7 +133,13 @@ class Responder:
 async def request(
     nc: NATS, subject: str, message: msgspec.Struct, expect: type[T], timeout: float = bus.REQUEST_TIMEOUT
 ) -> T:
-    """Send a request and return the expected reply, or raise BusError with a typed reason."""
+    """Send a request and return the expected reply, or raise BusError with a typed reason.
+
+    While the connection to NATS is down (reconnecting), fail at once with `unavailable` (503) rather than
+    let the request wait out its whole timeout in nats-py's reconnect buffer.
+    """
+    if not nc.is_connected:
+        raise BusError(bus.Error("unavailable", f"the message bus is reconnecting; {subject} not asked", 503, 2))
     try:
         msg = await nc.request(subject, bus.encode(message), timeout=timeout)
     except NoRespondersError:

@@ -28,8 +28,12 @@ ACCOUNTS = web.AppKey("accounts", Accounts)
 SUBJECTS = (
     bus.BILLING_RESERVE, bus.BILLING_SETTLE, bus.BILLING_DEPOSIT, bus.BILLING_KEY_INFO, bus.BILLING_CREATE_KEY,
     bus.BILLING_REFUND, bus.BILLING_MODELS, bus.BILLING_RECONCILE, bus.BILLING_INVOICE_CREATE,
-    bus.BILLING_INVOICE_STATUS,
+    bus.BILLING_INVOICE_STATUS, bus.BILLING_REFUND_STATUS,
 )  # fmt: skip
+WAITS_ON_WALLET = {  # answered after a wallet call (a mint): bounded by the caller's bus.MINT_TIMEOUT instead
+    bus.BILLING_DEPOSIT, bus.BILLING_REFUND, bus.BILLING_RECONCILE, bus.BILLING_INVOICE_CREATE,
+    bus.BILLING_INVOICE_STATUS,
+}  # fmt: skip
 CATALOG_REFRESH = 600.0  # seconds between upstream model list / rate refreshes
 SWEEP_EVERY = 5.0
 GAUGES_EVERY = 10.0
@@ -82,7 +86,9 @@ async def _resources(app: web.Application):
     metrics = app[METRICS]
     await retry_start("DATABASE_URL", lambda: db.migrate_url(settings.database_url, "billing", MIGRATIONS))
     # Billing keeps no session state (no advisory locks, no SET), so pooled connections need no reset.
-    pool = await db.create_pool(settings.database_url, max_size=20, reset_session=False)
+    pool = await db.create_pool(
+        settings.database_url, max_size=20, reset_session=False, timeout=settings.dependency_timeout
+    )
     nc = await retry_start("NATS_URL", lambda: messaging.connect(settings.nats_url, "billing"))
     await messaging.ensure_usage_stream(nc, settings.usage_stream_replicas)
     app[POOL], app[NC] = pool, nc
@@ -94,8 +100,11 @@ async def _resources(app: web.Application):
     app[ACCOUNTS] = accounts
     await catalog.refresh()
     responder = messaging.Responder(nc, "billing")
+    # Subjects answered from Postgres alone get a deadline inside the caller's bus timeout, so a stopped
+    # database answers 503 + Retry-After in about DEPENDENCY_TIMEOUT seconds, not the caller's timeout.
+    deadline = min(settings.dependency_timeout + 1, bus.REQUEST_TIMEOUT - 0.5)
     for subject in SUBJECTS:
-        await responder.serve(subject, accounts.handle)
+        await responder.serve(subject, accounts.handle, None if subject in WAITS_ON_WALLET else deadline)
     await responder.ready()
 
     async def refresh_catalog() -> None:
@@ -107,6 +116,11 @@ async def _resources(app: web.Application):
         if expired:
             metrics.reservations_expired.inc(expired)
             log.warning("released %d reservations whose usage never came", expired)
+
+    async def finish_refunds() -> None:
+        # A refund pending for one pass already is retried (token) or settled (Lightning); so every refund
+        # and X-Cashu change ends within about 2 x PENDING_RETRY_SECONDS after the fault clears.
+        await accounts.finish_pending_refunds(older_than=settings.pending_retry_seconds)
 
     async def gauges() -> None:
         metrics.reservations_open.set(await ledger.open_reservations())
@@ -123,6 +137,7 @@ async def _resources(app: web.Application):
         asyncio.create_task(every(min(SWEEP_EVERY, settings.reservation_ttl / 2), sweep, stop)),
         asyncio.create_task(every(GAUGES_EVERY, gauges, stop)),
         asyncio.create_task(every(CATALOG_REFRESH, refresh_catalog, stop)),
+        asyncio.create_task(every(settings.pending_retry_seconds, finish_refunds, stop)),
     ]
     yield
     await responder.close(timeout=10)

@@ -15,10 +15,10 @@ from services.gateway.billing_client import BillingClient
 from services.gateway.errors import detail_error, openai_error
 from services.gateway.proxy import MODEL, REQUEST_ID, Proxy
 from services.gateway.ratelimit import RateLimiter, client_address
-from shared import messaging
+from shared import bus, messaging
 from shared.config import Settings
 from shared.metrics import GatewayMetrics
-from shared.service import CHECKS, NC, SETTINGS, nats_check, ops_app, retry_start
+from shared.service import CHECKS, NC, SETTINGS, answered_check, nats_check, ops_app, retry_start
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ PAID_PATHS = (
 ALLOW_HEADERS = "Authorization, X-Cashu, Content-Type, X-Routstr-Model, Accept, OpenAI-Beta"
 EXPOSE_HEADERS = (
     "X-Cashu, X-Cashu-Refund, X-Routstr-Request-Id, X-Routstr-Cost-Msats, X-Routstr-Input-Cost-Msats, "
-    "X-Routstr-Output-Cost-Msats, X-Routstr-Cost-Usd, Retry-After"
+    "X-Routstr-Output-Cost-Msats, X-Routstr-Cost-Usd, Retry-After, X-Routstr-Change"
 )
 
 
@@ -123,6 +123,7 @@ async def _resources(app: web.Application) -> None:
     await messaging.ensure_usage_stream(nc, settings.usage_stream_replicas)
     app[NC] = nc
     app[CHECKS]["nats"] = nats_check(nc)
+    app[CHECKS]["billing"] = answered_check(nc, bus.BILLING_KEY_INFO)  # no traffic before billing answers
     timeout = aiohttp.ClientTimeout(total=settings.upstream_timeout, connect=settings.upstream_connect_timeout)
     session = aiohttp.ClientSession(
         timeout=timeout,

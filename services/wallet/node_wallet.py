@@ -24,6 +24,8 @@ import asyncpg
 from services.wallet import ecash, lnurl, storage
 from services.wallet.ecash import BlindedSignature, Keyset, Output, Proof
 from services.wallet.mints import (
+    KEYSET_INACTIVE,
+    KEYSET_UNKNOWN,
     OUTPUTS_SIGNED,
     PROOFS_PENDING,
     PROOFS_SPENT,
@@ -45,6 +47,17 @@ def _fail(code: str, message: str, status: int, retry_after: int | None = None) 
 
 def _unavailable(exc: MintUnavailable) -> BusError:
     return _fail("mint_unavailable", f"mint unavailable: {exc}", 503, 5)
+
+
+class _KeysetRotated(Exception):
+    """The mint refused our outputs' keyset (rotated since we cached it); nothing was spent, keysets are fresh."""
+
+
+def _keyset_refused(exc: MintError) -> bool:
+    """NUT error 12001/12002 (keyset unknown/inactive), or nutshell's generic 11000 naming the keyset."""
+    return exc.code in (KEYSET_UNKNOWN, KEYSET_INACTIVE) or (
+        exc.code in (None, 11000) and "keyset" in exc.detail.lower()
+    )
 
 
 class _NotEnough(Exception):
@@ -105,7 +118,20 @@ class NodeWallet:
 
     # ---- redeem --------------------------------------------------------------------------------
 
-    async def redeem(self, raw: str) -> bus.Redeemed:
+    async def redeem(self, raw: str, resume_only: bool = False) -> bus.Redeemed:
+        """Swap a token's proofs for the node's own, once per token. With `resume_only`, only a token this
+        wallet already took (a plan committed before an interrupted swap, or a finished redemption) is
+        carried through; any other is refused as `unknown_token` (404) and left untouched. A mint that
+        rotated its keyset since we cached it gets one more try on its new keyset."""
+        try:
+            return await self._redeem(raw, resume_only)
+        except _KeysetRotated:
+            try:
+                return await self._redeem(raw, resume_only)
+            except _KeysetRotated as exc:
+                raise _fail("mint_error", f"the mint refused our outputs: {exc}", 502) from None
+
+    async def _redeem(self, raw: str, resume_only: bool) -> bus.Redeemed:
         try:
             token = ecash.parse_token(raw)
         except ecash.TokenError as exc:
@@ -120,6 +146,8 @@ class NodeWallet:
             row = await storage.get_redemption(conn, token_hash)
             if row is not None and row["state"] == "done":
                 return _redeemed(row, already=True)
+            if row is None and resume_only:
+                raise _fail("unknown_token", "Unknown payment token: it was never received by this node", 404)
             client = self._mints.get(token.mint_url)
             keysets = await self._keysets_for(client, token.proofs)
             fresh = row is None
@@ -133,6 +161,10 @@ class NodeWallet:
                     await storage.drop_redemption(conn, token_hash)
                 raise _unavailable(exc) from None
             except MintError as exc:
+                if _keyset_refused(exc):  # the inputs passed (not spent), our outputs' keyset did not
+                    await storage.drop_redemption(conn, token_hash)
+                    await self._refresh_keysets(client)
+                    raise _KeysetRotated(exc.detail) from None
                 signatures = None
                 if not fresh and exc.code in (PROOFS_SPENT, OUTPUTS_SIGNED):
                     signatures = await self._restore(client, outputs)  # an earlier attempt went through
@@ -216,6 +248,26 @@ class NodeWallet:
     # ---- issue ---------------------------------------------------------------------------------
 
     async def issue(self, amount_msat: int, key: str, mint_url: str | None) -> bus.Issued:
+        """A token worth `amount_msat` (whole sats), once per `key`; one more try after a keyset rotation."""
+        try:
+            return await self._issue(amount_msat, key, mint_url)
+        except _KeysetRotated:
+            try:
+                return await self._issue(amount_msat, key, mint_url)
+            except _KeysetRotated as exc:
+                raise _fail("mint_error", f"the mint refused the swap: {exc}", 502) from None
+
+    async def _refresh_keysets(self, client: MintClient) -> None:
+        """Re-read a mint's keysets after it refused our outputs' keyset (rotated, NUT-02)."""
+        log.warning("%s refused our outputs' keyset; refreshing its keysets", client.url)
+        try:
+            await client.keysets(refresh=True)
+        except MintUnavailable as exc:
+            raise _unavailable(exc) from None
+        except MintError as exc:
+            raise _fail("mint_error", f"the mint's keysets could not be read: {exc.detail}", 502) from None
+
+    async def _issue(self, amount_msat: int, key: str, mint_url: str | None) -> bus.Issued:
         sats = _whole_sats(amount_msat, key)
         async with self._exclusive(storage.issue_op(key)) as conn:
             row = await storage.get_issue(conn, key)
@@ -301,6 +353,9 @@ class NodeWallet:
             signatures = await self._restore(client, outputs) if exc.code in (PROOFS_SPENT, OUTPUTS_SIGNED) else None
             if signatures is None:
                 await self._abandon_issue(conn, row, inputs, client)
+                if _keyset_refused(exc):
+                    await self._refresh_keysets(client)
+                    raise _KeysetRotated(exc.detail) from None
                 raise _fail("mint_error", f"the mint refused the swap: {exc.detail}", 502) from None
         return await self._finish_issue(conn, row, inputs, outputs, signatures, client)
 
@@ -393,6 +448,8 @@ class NodeWallet:
             row = await storage.get_payout(conn, key)
             if row is not None and row["state"] == "paid":
                 return _paid(row)
+            if row is None and await storage.payout_aborted(conn, key):
+                raise _fail("payout_aborted", "this payout was aborted and will not be made", 409)
             fresh = row is None
             if fresh:
                 row = await self._plan_payout(conn, key, sats, address)
@@ -500,6 +557,39 @@ class NodeWallet:
         if state == "PENDING":
             return bus.Paid(row["amount_sat"] * 1000, 0, "pending")
         return None
+
+    async def abort_payout(self, key: str) -> bus.PayoutOutcome:
+        """Settle the payout `key` for good, so its caller can give the money back or record it paid.
+
+        Under the payout's lock (so no `pay` of it is in flight): never planned, or planned but the melt
+        surely did not pay (the quote is not paid and every input is still unspent, NUT-05/NUT-07) ->
+        "aborted", and `pay` refuses the key from now on; paid -> "paid"; in flight at the mint -> "pending".
+        Raises `mint_unavailable` when the mint cannot tell.
+        """
+        async with self._exclusive(storage.payout_op(key)) as conn:
+            row = await storage.get_payout(conn, key)
+            if row is not None and row["state"] == "pending":
+                client = self._mints.get(row["mint_url"])
+                outcome = await self._melt_outcome(conn, row, client)
+                if outcome is None:
+                    inputs = await storage.pending_inputs(conn, storage.payout_op(key))
+                    states = await self._states(client, inputs)
+                    if any(states.get(p.Y) != "UNSPENT" for p in inputs):
+                        return bus.PayoutOutcome("pending")
+                    async with conn.transaction():
+                        await storage.drop_payout(conn, key)
+                        await storage.abort_payout(conn, key)
+                        await self._update_gauges(conn)
+                    return bus.PayoutOutcome("aborted")
+                if outcome.status == "pending":
+                    return bus.PayoutOutcome("pending")
+                row = await storage.get_payout(conn, key)
+            if row is not None:
+                return bus.PayoutOutcome("paid", _paid(row).fee_msat)
+            async with conn.transaction():
+                await storage.drop_payout(conn, key)  # an input cut left without a plan goes back too
+                await storage.abort_payout(conn, key)
+            return bus.PayoutOutcome("aborted")
 
     async def resolve_stale_payouts(self, older_than: float) -> int:
         """Settle payouts whose melt outcome was left unknown: a paid one is finished (its change
