@@ -26,6 +26,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def port_free(port: int) -> bool:
+    """True when nothing listens on (and nothing holds) loopback `port`."""
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 @dataclass
 class Service:
     name: str
@@ -114,8 +124,9 @@ def _as_postgres_user() -> dict:
     return {"user": entry.pw_uid, "group": entry.pw_gid}
 
 
-def start_postgres(workdir: Path) -> Service:
-    """A throwaway cluster (trust auth on loopback, fsync off) owned by an unprivileged user."""
+def start_postgres(workdir: Path, durable: bool = False) -> Service:
+    """A cluster (trust auth on loopback) owned by an unprivileged user: throwaway (fsync off) unless
+    `durable`, which a node taking real ecash needs (a crash must not lose a committed ledger row)."""
     bindir = _postgres_bin()
     workdir = workdir.resolve()  # the postgres user needs every absolute parent to be traversable
     workdir.mkdir(parents=True, exist_ok=True)
@@ -131,14 +142,14 @@ def start_postgres(workdir: Path) -> Service:
     if not (data / "PG_VERSION").exists():
         subprocess.run(
             [str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8",
-             "--no-sync"],
+             *([] if durable else ["--no-sync"])],
             check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **creds,
         )  # fmt: skip
     port = free_port()
+    fast = [] if durable else ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
     proc = subprocess.Popen(
         [str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-k", str(workdir),
-         "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "synchronous_commit=off",
-         "-c", "full_page_writes=off", "-c", "max_connections=300"],
+         "-c", "listen_addresses=127.0.0.1", *fast, "-c", "max_connections=300"],
         stdout=log_path.open("wb"), stderr=subprocess.STDOUT, **creds,
     )  # fmt: skip
 
