@@ -92,10 +92,11 @@ def _binary(name: str) -> str:
     return found
 
 
-def start_nats(workdir: Path) -> Service:
-    """nats-server with JetStream; ready when its monitor says JetStream is up."""
+def start_nats(workdir: Path, port: int | None = None) -> Service:
+    """nats-server with JetStream (stored under `workdir`, on `port` or a free one); ready when its monitor
+    says JetStream is up. Started again on the same folder and port, it carries on with the same streams."""
     workdir.mkdir(parents=True, exist_ok=True)
-    port, monitor = free_port(), free_port()
+    port, monitor = port or free_port(), free_port()
     log_path = workdir / "nats.log"
     proc = subprocess.Popen(
         [_binary("nats-server"), "-a", "127.0.0.1", "-p", str(port), "-m", str(monitor),
@@ -124,7 +125,7 @@ def _as_postgres_user() -> dict:
     return {"user": entry.pw_uid, "group": entry.pw_gid}
 
 
-def start_postgres(workdir: Path, durable: bool = False) -> Service:
+def start_postgres(workdir: Path, durable: bool = False, port: int | None = None) -> Service:
     """A cluster (trust auth on loopback) owned by an unprivileged user: throwaway (fsync off) unless
     `durable`, which a node taking real ecash needs (a crash must not lose a committed ledger row)."""
     bindir = _postgres_bin()
@@ -145,7 +146,7 @@ def start_postgres(workdir: Path, durable: bool = False) -> Service:
              *([] if durable else ["--no-sync"])],
             check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **creds,
         )  # fmt: skip
-    port = free_port()
+    port = port or free_port()
     fast = [] if durable else ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
     proc = subprocess.Popen(
         [str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-k", str(workdir),
