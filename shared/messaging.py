@@ -145,7 +145,8 @@ async def request(
     except NoRespondersError:
         raise BusError(bus.Error("unavailable", f"no service answers {subject}", 503, 1)) from None
     except NatsTimeout:
-        raise BusError(bus.Error("timeout", f"{subject} did not answer in {timeout:g}s", 504)) from None
+        # A service that does not answer is a dependency outage for the caller: 503 + Retry-After, not 504.
+        raise BusError(bus.Error("timeout", f"{subject} did not answer in {timeout:g}s", 503, 2)) from None
     reply = bus.decode(msg.data)
     if isinstance(reply, bus.Error):
         raise BusError(reply)

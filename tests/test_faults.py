@@ -104,6 +104,8 @@ class Load:
                 async with http.post(f"{self.node.gateway}{CHAT}", json=chat(stream), headers=headers) as response:
                     await response.read()
                     status = response.status
+                    if status == 503 and "Retry-After" not in response.headers:
+                        status = "503 without Retry-After"
                     if xcashu and "X-Cashu" in response.headers:
                         self.sent[headers["X-Cashu"]].append(response.headers["X-Cashu"])
             except (aiohttp.ClientError, TimeoutError) as exc:
@@ -125,6 +127,10 @@ async def under_load(node: Node, payer: ClientWallet, fault) -> Load:
     stop.set()
     await running
     assert load.statuses[200] > 0, load.statuses
+    # Load held: a call succeeds, or is refused with 503 + Retry-After, or (its gateway killed) cut off.
+    assert set(load.statuses) <= {200, 503, "ClientConnectorError", "ClientPayloadError", "ServerDisconnectedError"}, (
+        load.statuses
+    )
     print(f"\n{getattr(fault, '__name__', fault)}: calls {dict(load.statuses)}, X-Cashu tokens {len(load.sent)}")
     return load
 

@@ -232,3 +232,29 @@ async def test_a_stopped_postgres_answers_503_with_retry_after_within_seconds(ma
         await asyncio.sleep(0.2)
     assert response.status == 200
     await assert_reconciled(node.settings.nats_url)
+
+
+async def test_x_cashu_with_the_mint_stopped_fails_in_seconds_and_is_refundable_after(make_node, http, tmp_path):
+    mint = processes.start_mint(tmp_path / "stopped-mint")
+    try:
+        payer = ClientWallet(mint.url)
+        node = await make_node(CORE, CASHU_MINTS=mint.url, **PRICES, **FAST)
+        await create_key(http, node, await payer.token(5))  # the wallet knows the mint's keysets now
+        token = await payer.token(20)
+        signal_tree(mint.process.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            async with http.post(f"{node.url}{CHAT}", json=HELLO, headers={"X-Cashu": token}) as response:
+                assert response.status == 503 and "Retry-After" in response.headers, await response.text()
+            assert time.monotonic() - started < 5  # DEPENDENCY_TIMEOUT 2 s, not the old 20-30 s
+        finally:
+            signal_tree(mint.process.pid, signal.SIGCONT)
+        # Whether or not the mint went on to execute the swap, the token's value comes back whole.
+        status, body, _ = await refund(http, node, {"X-Cashu": token})
+        if status == 404:  # the swap never happened: the token is still the client's
+            assert not await payer.is_spent(token)
+        else:
+            assert status == 200 and await payer.receive(body["token"]) == 20, body
+        await assert_reconciled(node.settings.nats_url)
+    finally:
+        mint.stop()
