@@ -76,25 +76,20 @@ class Responder:
         """Answer `subject` with `handler`. With a `deadline` (seconds), a handler still running then (a
         stopped database: asyncpg waits for its query's cancellation) earns the caller an `unavailable`
         503 at once and finishes in the background; every handler is idempotent, so a retry is safe."""
-
-        async def run(msg: Msg) -> msgspec.Struct:
-            work = asyncio.ensure_future(handler(bus.decode(msg.data)))
-            done, _ = await asyncio.wait({work}, timeout=deadline)
-            if done:
-                return work.result()
-            self.in_flight.add(work)
-            work.add_done_callback(_late)
-            log.warning("%s: no answer within %gs; told the caller to retry", subject, deadline)
-            return bus.Error("unavailable", f"{subject}: a dependency is slow or down; retry shortly", 503, 2)
-
-        def _late(work: asyncio.Task) -> None:
-            self.in_flight.discard(work)
-            if not work.cancelled() and work.exception() is not None:
-                log.warning("%s finished late with %s", subject, work.exception().__class__.__name__)
+        too_slow = bus.encode(bus.Error("unavailable", f"{subject}: a dependency is slow or down; retry soon", 503, 2))
 
         async def answer(msg: Msg) -> None:
+            answered = False
+
+            def answer_early() -> None:  # a timer, not a task per message: the hot path stays cheap
+                nonlocal answered
+                answered = True
+                log.warning("%s: no answer within %gs; told the caller to retry", subject, deadline)
+                self._spawn(msg.respond(too_slow))
+
+            timer = asyncio.get_running_loop().call_later(deadline, answer_early) if deadline and msg.reply else None
             try:
-                reply = await (run(msg) if deadline else handler(bus.decode(msg.data)))
+                reply = await handler(bus.decode(msg.data))
             except msgspec.DecodeError as exc:
                 reply = bus.Error("bad_message", f"undecodable message on {subject}: {exc}", 400)
             except BusError as exc:
@@ -106,7 +101,9 @@ class Responder:
                 else:  # Postgres down or too slow: the caller retries, it is not a fault of the request
                     log.warning("%s: database unavailable (%s)", subject, exc.__class__.__name__)
                     reply = bus.Error("unavailable", "The node's database is unavailable; retry shortly", 503, 2)
-            if msg.reply:
+            if timer is not None:
+                timer.cancel()
+            if msg.reply and not answered:
                 await msg.respond(bus.encode(reply))
 
         async def on_message(msg: Msg) -> None:
@@ -116,6 +113,11 @@ class Responder:
 
         self.subscriptions.append(await self.nc.subscribe(subject, queue=self.queue, cb=on_message))
         self._last = subject
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self.in_flight.add(task)
+        task.add_done_callback(self.in_flight.discard)
 
     async def ready(self) -> None:
         """Return once the server routes every subject here: `flush()` can overtake queued SUBs, but a
