@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Handler = Callable[[bus.Message], Awaitable[msgspec.Struct]]
 REQUEST_TIMEOUT_READY = 5.0
+RECONNECT_GRACE = 2.0  # seconds a request waits for a lost NATS connection to come back before a 503
 PING_INTERVAL = 2.0  # seconds between client pings; two unanswered ones mark the connection lost
 
 
@@ -137,11 +138,17 @@ async def request(
 ) -> T:
     """Send a request and return the expected reply, or raise BusError with a typed reason.
 
-    While the connection to NATS is down (reconnecting), fail at once with `unavailable` (503) rather than
-    let the request wait out its whole timeout in nats-py's reconnect buffer.
+    While the connection to NATS is down (reconnecting), wait at most RECONNECT_GRACE seconds for it to come
+    back (a NATS restart), then fail with `unavailable` (503) rather than let the request wait out its whole
+    timeout in nats-py's reconnect buffer.
     """
     if not nc.is_connected:
-        raise BusError(bus.Error("unavailable", f"the message bus is reconnecting; {subject} not asked", 503, 2))
+        for _ in range(int(min(timeout, RECONNECT_GRACE) / 0.05)):
+            await asyncio.sleep(0.05)
+            if nc.is_connected:
+                break
+        else:
+            raise BusError(bus.Error("unavailable", f"the message bus is reconnecting; {subject} not asked", 503, 2))
     try:
         msg = await nc.request(subject, bus.encode(message), timeout=timeout)
     except NoRespondersError:
