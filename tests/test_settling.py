@@ -22,6 +22,7 @@ from aiohttp import web
 
 from devstack import processes
 from devstack.client_wallet import ClientWallet
+from services.wallet.app import WALLET
 from tests.conftest import serve_app
 from tests.support.faults import LossyMintProxy, signal_tree
 from tests.support.keys import funded_key, reconcile
@@ -160,6 +161,11 @@ async def test_x_cashu_token_taken_while_the_mints_answer_was_lost_is_refundable
         assert response.status == 503, await response.text()
         assert "Retry-After" in response.headers
     assert await payer.is_spent(token)  # the node holds its value now
+    # The wallet's sweeper finishes the interrupted swap by itself (NUT-09 restore of its planned outputs).
+    wallet = node.runners[1].app[WALLET]
+    before = (await wallet.holdings()).unspent_msat
+    assert await wallet.resolve_stale_redemptions(older_than=0) == 1
+    assert (await wallet.holdings()).unspent_msat == before + 20_000
     status, body, headers = await refund(http, node, {"X-Cashu": token})
     assert status == 200, body
     assert headers["X-Cashu"] == body["token"] and await payer.receive(body["token"]) == 20

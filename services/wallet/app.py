@@ -80,6 +80,7 @@ async def _sweep(wallet: NodeWallet) -> None:
         try:
             await wallet.resolve_stale_issues(older_than=STALE_AFTER)
             await wallet.resolve_stale_payouts(older_than=STALE_AFTER)
+            await wallet.resolve_stale_redemptions(older_than=STALE_AFTER)
         except Exception:
             log.exception("settling pending operations failed")
 

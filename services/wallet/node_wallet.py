@@ -611,12 +611,36 @@ class NodeWallet:
 
         return await self._resolve_stale("payouts", storage.payout_op, storage.get_payout, settle, older_than)
 
+    async def resolve_stale_redemptions(self, older_than: float) -> int:
+        """Finish redemptions left mid-swap (the mint's answer lost, the caller gone): when the mint signed
+        our planned outputs (NUT-09 restore), store the proofs and mark the redemption done, so the ecash is
+        the wallet's and a client coming back with the token (`POST /v1/balance/refund` with X-Cashu) is
+        credited and refunded at once. A plan the mint never executed stays: the token is still the client's."""
+
+        async def finish(conn: asyncpg.Connection, row: asyncpg.Record) -> bool:
+            client = self._mints.get(row["mint_url"])
+            outputs = await self._secrets.outputs(row["keyset_id"], row["counter"], row["amounts"])
+            signatures = await self._restore(client, outputs)
+            if signatures is None:
+                return False
+            proofs = ecash.unblind(outputs, signatures, await self._keys(client, row["keyset_id"]))
+            async with conn.transaction():
+                await storage.store_proofs(conn, client.url, proofs, storage.redeem_op(row["token_hash"]))
+                await storage.finish_redemption(conn, row["token_hash"])
+                await self._update_gauges(conn)
+            log.info("finished a redemption left mid-swap at %s", client.url)
+            return True
+
+        return await self._resolve_stale(
+            "redemptions", storage.redeem_op, storage.get_redemption, finish, older_than, key_column="token_hash"
+        )
+
     async def _resolve_stale(self, table: str, op: Callable[[str], str], get: Callable, resolve: Callable,
-                             older_than: float) -> int:  # fmt: skip
+                             older_than: float, key_column: str = "idempotency_key") -> int:  # fmt: skip
         """Run `resolve` under its operation lock on each `table` row pending for over `older_than` s."""
         async with self._pool.acquire() as conn:
             keys = await conn.fetch(
-                f"SELECT idempotency_key FROM wallet.{table}"
+                f"SELECT {key_column} FROM wallet.{table}"
                 " WHERE state = 'pending' AND created_at < now() - make_interval(secs => $1)",
                 older_than,
             )
