@@ -67,7 +67,11 @@ def _start_dev_mint(workdir: Path) -> processes.Service:
     """The dev mint on the port it had last time (.run/mint/port), so the URL in its tokens stays valid."""
     port_file = workdir / "port"
     port = int(port_file.read_text()) if port_file.is_file() else None
-    if port is not None and not processes.port_free(port):
+    for _ in range(50):  # an earlier run's mint may still be letting go of it
+        if port is None or processes.port_free(port):
+            break
+        time.sleep(0.1)
+    else:
         raise RuntimeError(f"the dev mint's port {port} (recorded in {port_file}) is taken by another program;"
                            " tokens this node issued name that URL: free the port, or delete the file to move")
     mint = processes.start_mint(workdir, port=port)

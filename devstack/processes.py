@@ -27,8 +27,10 @@ def free_port() -> int:
 
 
 def port_free(port: int) -> bool:
-    """True when nothing listens on (and nothing holds) loopback `port`."""
+    """True when nothing listens on loopback `port` (connections of an earlier run in TIME_WAIT do not count,
+    as a server binding with SO_REUSEADDR, as uvicorn does, ignores them too)."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
