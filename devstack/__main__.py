@@ -1,13 +1,14 @@
 """`make run`: the whole node on one machine.
 
 Starts NATS (JetStream) and Postgres on free ports unless NATS_URL / DATABASE_URL point at existing
-ones, a dev mint when no CASHU_MINTS and a demo upstream when no UPSTREAM_BASE_URL (each announced
-by a loud banner), applies migrations, starts the four services and supervises them (a service that
-dies is restarted with back-off, logged) until Ctrl-C, then stops everything it started.
+ones, a dev mint when no CASHU_MINTS and a demo upstream when neither UPSTREAM_BASE_URL nor
+PROVIDERS_PATH names a provider (each announced by a loud banner), applies migrations, starts the
+four services and supervises them (a service that dies is restarted with back-off, logged) until
+Ctrl-C, then stops everything it started.
 
 Development parts never stand beside real money: the dev mint keeps its port across runs (recorded in
 .run/mint/port) so tokens the node issued stay redeemable; the demo upstream is only sold for the dev
-mint's ecash (a real CASHU_MINTS without UPSTREAM_BASE_URL refuses to start); and with a real
+mint's ecash (a real CASHU_MINTS without an upstream or providers refuses to start); and with a real
 CASHU_MINTS the embedded Postgres is durable (no fsync=off).
 """
 
@@ -87,9 +88,9 @@ def main() -> int:
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
-    if settings.cashu_mints and not settings.upstream_base_url:
-        print("configuration error: UPSTREAM_BASE_URL is required when CASHU_MINTS is set: the demo upstream's "
-              "canned answers are only sold for the dev mint's worthless ecash", file=sys.stderr)  # fmt: skip
+    if settings.cashu_mints and not settings.upstream_base_url and not settings.providers_path:
+        print("configuration error: UPSTREAM_BASE_URL (or PROVIDERS_PATH) is required when CASHU_MINTS is set: the"
+              " demo upstream's canned answers are only sold for the dev mint's worthless ecash", file=sys.stderr)
         return 2
     RUN_DIR.mkdir(exist_ok=True)
     started: list[processes.Service] = []
@@ -111,7 +112,7 @@ def main() -> int:
             started.append(mint)
             env["CASHU_MINTS"] = mint.url
             banner(f"no CASHU_MINTS set: a local FakeWallet mint at {mint.url} (its ecash is worthless)")
-        if not settings.upstream_base_url:
+        if not settings.upstream_base_url and not settings.providers_path:
             port = processes.free_port()
             upstream = [sys.executable, "-m", "devstack.upstream", "--port", str(port), "--api-key", "demo"]
             supervisor.start("upstream", upstream, dict(os.environ), RUN_DIR / "upstream.log")
@@ -128,7 +129,8 @@ def main() -> int:
         for port in (settings.billing_port, settings.wallet_port, settings.discovery_port, settings.port):
             _wait_ready(f"http://127.0.0.1:{port}/readyz", supervisor.processes())  # "up": every service answers
         print(f"\nRoutstr node is up. Gateway: {gateway}  (logs in {RUN_DIR}/; Ctrl-C stops everything)")
-        print(f"  mints: {env['CASHU_MINTS']}\n  upstream: {env['UPSTREAM_BASE_URL']}")
+        upstream = env.get("UPSTREAM_BASE_URL") or f"the providers in {settings.providers_path}"
+        print(f"  mints: {env['CASHU_MINTS']}\n  upstream: {upstream}")
         if not settings.cashu_mints:
             print("  a dev token: .venv/bin/python -m devstack.token 100\n", flush=True)
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))

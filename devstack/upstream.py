@@ -8,12 +8,19 @@ directives in the last message's text, so a test drives it through the gateway u
   [[midfail]]    stream half the tokens, then drop the connection
   [[slow:S]]     wait S seconds before answering (and between chunks when streaming)
   [[nousage]]    never report usage
+
+`create_app(models=..., priced=..., flavor=...)` makes it one of several providers for the routing tests:
+the models it serves, whether its `/models` carries OpenRouter-style `pricing` (OpenAI's does not), and
+`flavor="anthropic"` to speak Anthropic's Messages API (`x-api-key`, `anthropic-version`) with its model
+list. `app[BEHAVIOUR]` steers every call at once: `{"fail": 503}` (or 429) answers that status before
+anything, `{"first_byte_delay": S}` holds the status line back S seconds; `app[HITS]` counts calls per path.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import re
 import time
@@ -67,8 +74,21 @@ async def _read(request: web.Request) -> dict:
     return body
 
 
+async def _behave(request: web.Request) -> web.Response | None:
+    """Count the call and apply the app-wide behaviour: a delay before the first byte, or a failure status."""
+    request.app[HITS][request.path] += 1
+    behaviour = request.app[BEHAVIOUR]
+    if behaviour.get("first_byte_delay"):
+        await asyncio.sleep(behaviour["first_byte_delay"])
+    if behaviour.get("fail"):
+        return _error(int(behaviour["fail"]), "the stub upstream is failing on purpose", "server_error")
+    return None
+
+
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await _read(request)
+    if (failure := await _behave(request)) is not None:
+        return failure
     if request.headers.get("Authorization") != f"Bearer {request.app[API_KEY]}":
         return _error(401, "Incorrect API key provided", "invalid_request_error", "invalid_api_key")
     if not body.get("model"):
@@ -180,31 +200,103 @@ async def responses(request: web.Request) -> web.Response:
     })  # fmt: skip
 
 
-async def models(request: web.Request) -> web.Response:
-    return web.json_response({
-        "object": "list",
-        "data": [
+async def models_list(request: web.Request) -> web.Response:
+    if request.app[FLAVOR] == "anthropic":
+        if request.headers.get("x-api-key") != request.app[API_KEY] or "anthropic-version" not in request.headers:
+            return _anthropic_error(401, "authentication_error", "invalid x-api-key")
+        return web.json_response({
+            "data": [{"type": "model", "id": model, "display_name": model, "created_at": "2025-09-29T00:00:00Z"}
+                     for model, *_ in request.app[MODELS_SERVED]],
+            "has_more": False, "first_id": None, "last_id": None,
+        })  # fmt: skip
+    if request.app[PRICED]:
+        data = [
             {"id": model, "object": "model", "created": 1700000000, "owned_by": model.split("/")[0],
-             "name": model.split("/")[1], "context_length": context,
+             "name": model.split("/")[-1], "context_length": context,
              "architecture": {"modality": "text->text", "input_modalities": ["text"], "output_modalities": ["text"]},
              "pricing": {"prompt": prompt, "completion": completion, "request": "0"},
              "top_provider": {"context_length": context, "max_completion_tokens": 16_384}}
-            for model, context, prompt, completion in MODELS
-        ],
-    })  # fmt: skip
+            for model, context, prompt, completion in request.app[MODELS_SERVED]
+        ]  # fmt: skip
+    else:  # OpenAI's own list: no prices, no context length
+        data = [{"id": model, "object": "model", "created": 1700000000, "owned_by": "system"}
+                for model, *_ in request.app[MODELS_SERVED]]  # fmt: skip
+    return web.json_response({"object": "list", "data": data})
+
+
+def _anthropic_error(status: int, kind: str, message: str) -> web.Response:
+    return web.json_response({"type": "error", "error": {"type": kind, "message": message}}, status=status)
+
+
+async def messages(request: web.Request) -> web.StreamResponse:
+    """Anthropic's Messages API: `usage.input_tokens` excludes the cache reads and writes it reports apart."""
+    body = await _read(request)
+    if (failure := await _behave(request)) is not None:
+        return failure
+    if request.headers.get("x-api-key") != request.app[API_KEY] or "anthropic-version" not in request.headers:
+        return _anthropic_error(401, "authentication_error", "invalid x-api-key")
+    if not body.get("model") or not isinstance(body.get("max_tokens"), int):
+        return _anthropic_error(400, "invalid_request_error", "model and max_tokens are required")
+    d = _directives(body)
+    n = min(int(d.get("tokens", 8)), body["max_tokens"])
+    cache_read = int(d.get("cacheread", 0))
+    usage = {"input_tokens": _prompt_tokens(body), "output_tokens": n, "cache_read_input_tokens": cache_read,
+             "cache_creation_input_tokens": 0}  # fmt: skip
+    ident, text = f"msg_{uuid.uuid4().hex[:24]}", "".join(f"w{i} " for i in range(n))
+    message = {"id": ident, "type": "message", "role": "assistant", "model": body["model"],
+               "content": [{"type": "text", "text": text}], "stop_reason": "end_turn", "stop_sequence": None,
+               "usage": usage}  # fmt: skip
+    if not body.get("stream"):
+        return web.json_response(message)
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+
+    async def event(name: str, data: dict) -> None:
+        await response.write(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode())
+
+    start = {**message, "content": [], "stop_reason": None, "usage": {**usage, "output_tokens": 1}}
+    await event("message_start", {"type": "message_start", "message": start})
+    await event("content_block_start", {"type": "content_block_start", "index": 0,
+                                        "content_block": {"type": "text", "text": ""}})  # fmt: skip
+    for i in range(n):
+        await event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                            "delta": {"type": "text_delta", "text": f"w{i} "}})  # fmt: skip
+    await event("content_block_stop", {"type": "content_block_stop", "index": 0})
+    await event("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                                  "usage": {"output_tokens": n}})  # fmt: skip
+    await event("message_stop", {"type": "message_stop"})
+    await response.write_eof()
+    return response
 
 
 API_KEY = web.AppKey("api_key", str)
+MODELS_SERVED = web.AppKey("models_served", tuple)
+PRICED = web.AppKey("priced", bool)
+FLAVOR = web.AppKey("flavor", str)
+BEHAVIOUR = web.AppKey("behaviour", dict)
+HITS = web.AppKey("hits", collections.Counter)
 
 
-def create_app(api_key: str = "stub-upstream-key") -> web.Application:
+def create_app(
+    api_key: str = "stub-upstream-key",
+    models: tuple[tuple[str, int, str, str], ...] = MODELS,
+    priced: bool = True,
+    flavor: str = "openai",
+) -> web.Application:
+    """`models`: (id, context length, USD per prompt token, USD per completion token) it serves and lists."""
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app[API_KEY] = api_key
+    app[MODELS_SERVED] = models
+    app[PRICED] = priced
+    app[FLAVOR] = flavor
+    app[BEHAVIOUR] = {}
+    app[HITS] = collections.Counter()
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_post("/v1/responses", responses)
-    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/messages", messages)
+    app.router.add_get("/v1/models", models_list)
     return app
 
 

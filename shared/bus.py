@@ -40,6 +40,11 @@ DISCOVERY_PROVIDERS = "discovery.providers"  # ProvidersQuery -> Providers
 # Events (core NATS): the catalog changed, so discovery republishes and gateways drop caches.
 EVENT_CATALOG_CHANGED = "events.catalog.changed"
 
+# Upstream providers (services/billing/providers.py owns the store). Whoever changes a provider publishes
+# EVENT_PROVIDERS_CHANGED; billing then rebuilds the catalog (and announces EVENT_CATALOG_CHANGED).
+BILLING_UPSTREAMS = "billing.upstreams"  # UpstreamsQuery -> Upstreams (the gateway's routing table)
+EVENT_PROVIDERS_CHANGED = "events.providers.changed"
+
 # JetStream: usage events must survive a billing restart, so they go through a stream.
 USAGE_STREAM = "USAGE"
 USAGE_SUBJECT = "usage.events"
@@ -86,6 +91,9 @@ class Reserved(msgspec.Struct, tag="reserved", frozen=True):
     balance_msat: int  # spendable balance left after this reservation
     model: str  # the canonical upstream model id (aliases resolved)
     price: Price
+    # Where to forward, best first (priority, then price); `price` is the first's, `reserved_msat` covers
+    # the dearest. Usage is settled at the price of the route that answered. Empty: the UPSTREAM_* shorthand.
+    routes: tuple[Route, ...] = ()
 
 
 class Usage(msgspec.Struct, tag="usage", frozen=True):
@@ -105,6 +113,10 @@ class Usage(msgspec.Struct, tag="usage", frozen=True):
     status: int = 200
     ts: float = 0.0
     price: Price | None = None  # the reservation's price, echoed so billing settles in one round trip
+    # The price of the provider that answered when it is not the reservation's (failover to another route);
+    # billing charges it when it is one of the model's route prices.
+    route_price: Price | None = None
+    provider: str = ""  # the slug of the provider that answered ("" when none did)
 
 
 class Settled(msgspec.Struct, tag="settled", frozen=True):
@@ -173,6 +185,8 @@ class ModelEntry(msgspec.Struct, frozen=True):
     price: Price
     aliases: tuple[str, ...] = ()
     enabled: bool = True
+    disabled_reason: str = ""  # why a listed model is not sold (e.g. "no price known")
+    routes: tuple[Route, ...] = ()  # the providers serving it, best first
 
 
 class Catalog(msgspec.Struct, tag="catalog", frozen=True):
@@ -225,6 +239,37 @@ class InvoiceInfo(msgspec.Struct, tag="invoice_info", frozen=True):
     expires_at: int
     paid_at: int | None = None
     api_key: str | None = None  # a `create` invoice's new key, handed out once (the first paid answer)
+
+
+# ---- upstream providers ------------------------------------------------------------------------
+
+
+class Upstream(msgspec.Struct, frozen=True):
+    """A provider the gateway may forward to. `api_key` is resolved (never logged, never in an answer)."""
+
+    slug: str
+    provider_type: str  # openai | anthropic | openrouter | ollama | vllm | generic
+    base_url: str
+    api_key: str = ""
+    api_version: str | None = None
+    priority: int = 0
+
+
+class Route(msgspec.Struct, frozen=True):
+    """One way to serve a model: the provider, the model id it is forwarded as, and its price there."""
+
+    provider: str  # Upstream.slug
+    upstream_id: str
+    price: Price
+
+
+class UpstreamsQuery(msgspec.Struct, tag="upstreams_query", frozen=True):
+    pass
+
+
+class Upstreams(msgspec.Struct, tag="upstreams", frozen=True):
+    upstreams: tuple[Upstream, ...]
+    revision: str = ""
 
 
 # ---- wallet ----------------------------------------------------------------------------------
@@ -358,6 +403,7 @@ Message = (
     | Redeem | Redeemed | Issue | Issued | Pay | Paid | HoldingsQuery | Holdings
     | InfoQuery | NodeIdentity | ProvidersQuery | Providers
     | RefundQuery | PayoutAbort | PayoutOutcome
+    | UpstreamsQuery | Upstreams
 )  # fmt: skip
 
 _encoder = msgspec.msgpack.Encoder()

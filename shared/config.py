@@ -80,6 +80,18 @@ SETTINGS_DOC: dict[str, tuple[str, str, bool]] = {
     ),
     "UPSTREAM_BASE_URL": ("", "OpenAI-compatible upstream base URL, e.g. https://api.openai.com/v1", False),
     "UPSTREAM_API_KEY": ("", "Key the gateway sends upstream; clients' credentials are never forwarded", True),
+    "PROVIDERS_PATH": (
+        "",
+        "YAML file of upstream providers (slug, provider_type, base_url, api_key_env, provider_fee, priority, models)"
+        ", applied at start",
+        False,
+    ),
+    "UPSTREAM_COOLDOWN": ("30", "Seconds a failing provider is left out of routing before it is probed again", False),
+    "UPSTREAM_FIRST_BYTE_TIMEOUT": (
+        "60",
+        "Seconds to wait for a provider's first byte before trying the next one",
+        False,
+    ),
     "UPSTREAM_TIMEOUT": ("300", "Seconds an upstream call may take in all", False),
     "UPSTREAM_CONNECT_TIMEOUT": ("10", "Seconds to connect to the upstream", False),
     "CASHU_MINTS": ("", "Comma-separated mint URLs whose tokens the node accepts", False),
@@ -131,6 +143,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     upstream_base_url: str
     upstream_api_key: str
     upstream_timeout: int
+    providers_path: str
+    upstream_cooldown: int
+    upstream_first_byte_timeout: int
     upstream_connect_timeout: int
     cashu_mints: tuple[str, ...]
     database_url: str
@@ -220,6 +235,9 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv: Path | None 
     if database_url:
         _url("DATABASE_URL", database_url, ("postgres", "postgresql"))
     models_path = get("MODELS_PATH").strip()
+    providers_path = get("PROVIDERS_PATH").strip()
+    if providers_path and not Path(providers_path).is_file():
+        raise ConfigError(f"PROVIDERS_PATH: no such file {providers_path!r}")
     if models_path and not Path(models_path).is_file():
         raise ConfigError(f"MODELS_PATH: no such file {models_path!r}")
 
@@ -234,6 +252,9 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv: Path | None 
         upstream_base_url=_url("UPSTREAM_BASE_URL", get("UPSTREAM_BASE_URL"), ("http", "https")).rstrip("/"),
         upstream_api_key=get("UPSTREAM_API_KEY").strip(),
         upstream_timeout=positive("UPSTREAM_TIMEOUT"),
+        providers_path=providers_path,
+        upstream_cooldown=positive("UPSTREAM_COOLDOWN"),
+        upstream_first_byte_timeout=positive("UPSTREAM_FIRST_BYTE_TIMEOUT"),
         upstream_connect_timeout=positive("UPSTREAM_CONNECT_TIMEOUT"),
         cashu_mints=tuple(_mint("CASHU_MINTS", m) for m in _list(get("CASHU_MINTS"))),
         database_url=database_url,

@@ -43,6 +43,27 @@ class GatewayMetrics:
             "routstr_usage_events_published_total", "Usage reports handed to billing (settled now or via the stream)",
             ["source"], registry=registry,
         )  # fmt: skip
+        # Per upstream provider; `provider` is the operator's slug (a bounded set), never a URL or key.
+        self.provider_calls = Counter(
+            "routstr_provider_calls_total", "Calls to each upstream provider by outcome (ok, http_429, http_5xx, "
+            "connect_error, first_byte_timeout)", ["provider", "outcome"], registry=registry,
+        )  # fmt: skip
+        self.provider_ttfb_seconds = Histogram(
+            "routstr_provider_time_to_first_byte_seconds", "Time until each provider's first byte",
+            ["provider"], buckets=LATENCY_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.provider_failovers = Counter(
+            "routstr_provider_failovers_total", "Calls moved on from this provider to the next one",
+            ["provider"], registry=registry,
+        )  # fmt: skip
+        self.provider_cooldowns = Counter(
+            "routstr_provider_cooldowns_total", "Times this provider was taken out of routing (circuit opened)",
+            ["provider"], registry=registry,
+        )  # fmt: skip
+        self.provider_up = Gauge(
+            "routstr_provider_up", "0 from a provider's failed call until a call to it succeeds again, else 1",
+            ["provider"], registry=registry,
+        )  # fmt: skip
 
 
 class BillingMetrics:

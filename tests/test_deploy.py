@@ -43,6 +43,22 @@ def _load(path: Path) -> dict:
     return yaml.safe_load(path.read_text())
 
 
+# What a working node needs (the schema refuses to render without it); merged under every variant.
+WORKING = {
+    "config": {"NATS_URL": "nats://nats.nats.svc:4222", "CASHU_MINTS": "https://mint.example.com",
+               "UPSTREAM_BASE_URL": "https://api.openai.com/v1"},
+    "secrets": {"DATABASE_URL": "postgresql://routstr@db/routstr"},
+}  # fmt: skip
+
+
+def _merged(base: dict, values: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in values.items():
+        nested = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _merged(merged[key], value) if nested else value
+    return merged
+
+
 EVERYTHING_ON = {
     "ingress": {
         "enabled": True,
@@ -65,10 +81,10 @@ EVERYTHING_OFF = {
     "existingSecret": "operator-secret",
 }
 VARIANTS = {
-    "default": {},
+    "default": WORKING,
     "production": _load(CHART / "examples" / "production.yaml"),
-    "everything-on": EVERYTHING_ON,
-    "everything-off": EVERYTHING_OFF,
+    "everything-on": _merged(WORKING, EVERYTHING_ON),
+    "everything-off": _merged(WORKING, EVERYTHING_OFF),
 }
 
 
@@ -126,7 +142,7 @@ def test_every_object_validates_against_kubernetes_schemas(rendered):
 
 
 def test_validation_catches_a_bad_object():
-    deployment = deployments(render({}))["gateway"]
+    deployment = deployments(render(WORKING))["gateway"]
     deployment["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["httpGet"]["pathh"] = "/x"
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(deployment, KUBE_VERSION, strict=True)
@@ -151,7 +167,44 @@ def test_helm_lint_strict(variant):
 )
 def test_values_schema_rejects_typos_and_misplaced_secrets(values):
     with pytest.raises(helm.HelmError, match="schema"):
+        render(_merged(WORKING, values))
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {},  # the chart's defaults: no NATS, mint, upstream or database
+        {"config": {"NATS_URL": "", "CASHU_MINTS": "https://m", "UPSTREAM_BASE_URL": "https://u"},
+         "existingSecret": "s"},
+        {"config": {"NATS_URL": "nats://n:4222", "CASHU_MINTS": "https://m"}, "existingSecret": "s"},  # no upstream
+        {"config": {"NATS_URL": "nats://n:4222", "CASHU_MINTS": "https://m", "UPSTREAM_BASE_URL": "https://u"}},
+        {**WORKING, "providers": [{"provider_type": "openai", "api_key": "sk-in-values"}]},  # keys go in Secrets
+        {**WORKING, "providers": [{"provider_type": "azure"}]},
+    ],
+)
+def test_chart_refuses_to_render_what_cannot_run(values):
+    with pytest.raises(helm.HelmError, match="schema"):
         render(values)
+
+
+def test_production_example_sells_priced_providers():
+    """The production example names real, priced providers, their keys from a Secret given to billing."""
+    values = VARIANTS["production"]
+    objects = render(values)
+    providers = yaml.safe_load(by_kind(objects, "ConfigMap")["node-routstr-node-providers"]["data"]["providers.yaml"])
+    assert {p["provider_type"] for p in providers["providers"]} >= {"openai", "anthropic", "openrouter"}
+    assert all("api_key" not in p and p["api_key_env"] for p in providers["providers"])
+    config = by_kind(objects, "ConfigMap")["node-routstr-node"]["data"]
+    assert config["PROVIDERS_PATH"] == "/etc/routstr-providers/providers.yaml"
+    for service, deployment in deployments(objects).items():
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        mount = {"name": "providers", "mountPath": "/etc/routstr-providers", "readOnly": True}
+        assert mount in container["volumeMounts"]
+        env = {e["name"]: e for e in container.get("env", [])}
+        assert ("OPENAI_API_KEY" in env) == (service == "billing")
+    billing = deployments(objects)["billing"]["spec"]["template"]["spec"]["containers"][0]
+    openai = {e["name"]: e for e in billing["env"]}["OPENAI_API_KEY"]
+    assert openai["valueFrom"]["secretKeyRef"] == {"name": "provider-keys", "key": "openai"}
 
 
 def test_helm_lint_fails_on_a_broken_chart(tmp_path):
@@ -199,7 +252,7 @@ def test_deployments_are_hardened_and_probed(rendered):
 def test_grace_period_and_replicas_are_configurable():
     values = {"services": {"gateway": {"terminationGracePeriodSeconds": 900, "preStopSeconds": 20}}}
     values["services"]["wallet"] = {"replicas": 3}
-    found = deployments(render(values))
+    found = deployments(render(_merged(WORKING, values)))
     assert found["gateway"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 900
     assert found["gateway"]["spec"]["template"]["spec"]["containers"][0]["lifecycle"]["preStop"]["sleep"] == {
         "seconds": 20
@@ -242,7 +295,7 @@ def test_secret_ref_takes_database_url_from_cloudnativepg():
 
 def test_config_values_reach_the_configmap():
     values = {"config": {"NATS_URL": "nats://nats.nats:4222", "USAGE_STREAM_REPLICAS": 3}}
-    data = by_kind(render(values), "ConfigMap")["node-routstr-node"]["data"]
+    data = by_kind(render(_merged(WORKING, values)), "ConfigMap")["node-routstr-node"]["data"]
     assert data["NATS_URL"] == "nats://nats.nats:4222"
     assert data["USAGE_STREAM_REPLICAS"] == "3"
     assert set(data) == set(SETTINGS_DOC) - SECRETS
@@ -338,7 +391,7 @@ def test_prometheus_scraping(rendered):
 
 
 def test_prometheus_rule_carries_the_alerts_file(tmp_path):
-    objects = render(EVERYTHING_ON)
+    objects = render(VARIANTS["everything-on"])
     [rule] = by_kind(objects, "PrometheusRule").values()
     assert rule["spec"]["groups"] == _load(ALERTS)["groups"]
     extracted = tmp_path / "rule.yaml"
@@ -391,7 +444,7 @@ def test_checkov_passes_on_rendered_manifests(rendered, tmp_path):
 
 
 def test_checkov_catches_a_privileged_container(tmp_path):
-    deployment = deployments(render({}))["gateway"]
+    deployment = deployments(render(WORKING))["gateway"]
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     container["securityContext"].update(privileged=True, allowPrivilegeEscalation=True)
     del container["livenessProbe"]
@@ -553,7 +606,7 @@ def test_dashboard_shows_what_operators_need():
 async def test_migrate_hook_commands_apply_every_schema(database, tmp_path):
     """The Job's exact arguments, with only the environment the Job gives, against a fresh Postgres; twice,
     since every upgrade runs them again."""
-    pod = by_kind(render({}), "Job")["node-routstr-node-migrate"]["spec"]["template"]["spec"]
+    pod = by_kind(render(WORKING), "Job")["node-routstr-node-migrate"]["spec"]["template"]["spec"]
     containers = pod["initContainers"] + pod["containers"]
     env = {"PATH": str(Path(sys.executable).parent), "HOME": str(tmp_path), "DATABASE_URL": database}
     env |= {e["name"]: e["value"] for c in containers for e in c["env"] if "value" in e}

@@ -58,11 +58,11 @@ def _chat(port: int, token: str) -> tuple[int, dict, dict]:
 
 
 def test_make_run_refuses_the_demo_upstream_for_real_ecash(tmp_path: Path):
-    env = {k: v for k, v in os.environ.items() if k != "UPSTREAM_BASE_URL"}
+    env = {k: v for k, v in os.environ.items() if k not in ("UPSTREAM_BASE_URL", "PROVIDERS_PATH")}
     env.update(CASHU_MINTS="https://mint.example.com", PYTHONPATH=str(REPO))
     done = subprocess.run([sys.executable, "-m", "devstack"], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=60)  # fmt: skip
-    assert done.returncode == 2 and "UPSTREAM_BASE_URL is required when CASHU_MINTS is set" in done.stderr
+    assert done.returncode == 2 and "UPSTREAM_BASE_URL (or PROVIDERS_PATH) is required when CASHU_MINTS" in done.stderr
     assert not (tmp_path / ".run").exists()  # nothing was started
 
 

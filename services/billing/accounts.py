@@ -64,6 +64,8 @@ class Accounts:
                     return await self.refund_status(message)
                 case bus.ModelsQuery():
                     return self.catalog.current
+                case bus.UpstreamsQuery():
+                    return self.catalog.upstreams
                 case bus.ReconcileQuery():
                     return await self.reconcile()
                 case bus.InvoiceCreate():
@@ -75,13 +77,23 @@ class Accounts:
         return bus.Error("bad_message", f"billing does not answer {type(message).__name__}", 400)
 
     async def reserve(self, message: bus.Reserve) -> bus.Reserved:
-        model, price, limit = self.catalog.resolve(message.model)
+        """Hold the most the call can cost at any of its routes, so failover to a dearer provider is covered."""
+        model, price, limit, routes = self.catalog.resolve(message.model)
         completion = message.max_tokens if message.max_tokens is not None and message.max_tokens >= 0 else limit
-        amount = pricing.max_cost(price, max(message.prompt_tokens, 0), completion)
-        return await self.ledger.reserve(message, model, price, amount)
+        prompt = max(message.prompt_tokens, 0)
+        amount = max(pricing.max_cost(p, prompt, completion) for p in (price, *(r.price for r in routes)))
+        return await self.ledger.reserve(message, model, price, amount, routes)
 
     async def settle(self, usage: bus.Usage) -> bus.Settled:
-        settled = await self.ledger.settle(usage)
+        """Charge at the answering provider's price when it is one of the model's routes, else the reservation's."""
+        charge = None
+        if usage.route_price is not None and usage.route_price != usage.price:
+            if usage.route_price in self.catalog.route_prices(usage.model):
+                charge = usage.route_price
+            else:
+                log.warning("usage %s names a price no route of %s has; charged at the reservation's",
+                            usage.request_id, usage.model)  # fmt: skip
+        settled = await self.ledger.settle(usage, charge)
         if not settled.already:
             self.metrics.settlements.labels(usage.source).inc()
             self.metrics.charged_msat.labels(usage.model).inc(settled.cost_msat)

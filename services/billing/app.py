@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from pathlib import Path
 
 import aiohttp
@@ -15,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from services.billing.accounts import Accounts
 from services.billing.catalog import Catalog, load_models_file
 from services.billing.ledger import Ledger, LedgerError
+from services.billing.providers import ProviderStore, load_providers_file, shorthand_provider
 from shared import bus, db, messaging
 from shared.config import Settings
 from shared.metrics import BillingMetrics
@@ -25,10 +27,11 @@ log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
 METRICS = web.AppKey("billing_metrics", BillingMetrics)
 ACCOUNTS = web.AppKey("accounts", Accounts)
+PROVIDERS = web.AppKey("providers", ProviderStore)
 SUBJECTS = (
     bus.BILLING_RESERVE, bus.BILLING_SETTLE, bus.BILLING_DEPOSIT, bus.BILLING_KEY_INFO, bus.BILLING_CREATE_KEY,
     bus.BILLING_REFUND, bus.BILLING_MODELS, bus.BILLING_RECONCILE, bus.BILLING_INVOICE_CREATE,
-    bus.BILLING_INVOICE_STATUS, bus.BILLING_REFUND_STATUS,
+    bus.BILLING_INVOICE_STATUS, bus.BILLING_UPSTREAMS, bus.BILLING_REFUND_STATUS,
 )  # fmt: skip
 WAITS_ON_WALLET = {  # answered after a wallet call (a mint): bounded by the caller's bus.MINT_TIMEOUT instead
     bus.BILLING_DEPOSIT, bus.BILLING_REFUND, bus.BILLING_RECONCILE, bus.BILLING_INVOICE_CREATE,
@@ -92,10 +95,15 @@ async def _resources(app: web.Application):
     nc = await retry_start("NATS_URL", lambda: messaging.connect(settings.nats_url, "billing"))
     await messaging.ensure_usage_stream(nc, settings.usage_stream_replicas)
     app[POOL], app[NC] = pool, nc
+    providers = ProviderStore(pool)
+    app[PROVIDERS] = providers
+    await providers.apply("file", load_providers_file(settings.providers_path, os.environ))
+    shorthand = shorthand_provider(settings)
+    await providers.apply("env", [(shorthand, [])] if shorthand else [])
     app[CHECKS].update(nats=nats_check(nc), postgres=pool_check(pool))
     session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
     ledger = Ledger(pool)
-    catalog = Catalog(settings, pool, session)
+    catalog = Catalog(settings, pool, session, providers, os.environ)
     accounts = Accounts(ledger, catalog, nc, metrics, settings.default_max_tokens)
     app[ACCOUNTS] = accounts
     await catalog.refresh()
@@ -110,6 +118,14 @@ async def _resources(app: web.Application):
     async def refresh_catalog() -> None:
         if await catalog.refresh():
             await nc.publish(bus.EVENT_CATALOG_CHANGED, catalog.current.revision.encode())
+
+    async def providers_changed(msg) -> None:
+        try:
+            await refresh_catalog()
+        except Exception:
+            log.exception("catalog not rebuilt after a provider change")
+
+    await nc.subscribe(bus.EVENT_PROVIDERS_CHANGED, cb=providers_changed)
 
     async def sweep() -> None:
         expired = await ledger.expire(settings.reservation_ttl)
@@ -150,6 +166,7 @@ async def _resources(app: web.Application):
 
 async def create_app(settings: Settings) -> web.Application:
     load_models_file(settings.models_path)  # a malformed models file stops start-up here, by name
+    load_providers_file(settings.providers_path, os.environ)  # so does a bad provider, naming it and the field
     registry = CollectorRegistry()
     app = ops_app(settings, registry)
     app[METRICS] = BillingMetrics(registry)

@@ -1,8 +1,8 @@
 """The model catalog and its prices: the one source of truth for what a call costs.
 
-Models come from the upstream's own `/models` list merged with the operator's models file (prices,
-aliases, enable/disable). USD prices become integer-msat `bus.Price`s at the BTC/USD rate (fixed by
-BTC_USD_RATE, else fetched live and cached in Postgres) times the operator's margin.
+Models come from each provider's own model list merged with the operator's models file and per-provider
+overrides (prices, aliases, enable/disable, forwarded id). USD prices become integer-msat `bus.Price`s at
+the BTC/USD rate (fixed by BTC_USD_RATE, else fetched live and cached in Postgres) times the operator's margin.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import json
 import logging
+from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,10 @@ from typing import Any
 import aiohttp
 import asyncpg
 
+from services.billing import price_db
 from services.billing.ledger import LedgerError
+from services.billing.model_lists import fetch_models
+from services.billing.providers import LOCAL_TYPES, Provider, ProviderStore
 from shared import bus, pricing
 from shared.config import ConfigError, Settings
 
@@ -74,14 +78,26 @@ def load_models_file(path: str) -> list[dict]:
 
 
 class Catalog:
-    """Holds the current models and prices; `refresh()` rebuilds them, `resolve()` finds a model by id or alias."""
+    """Holds the current models, their routes and prices; `refresh()` rebuilds them, `resolve()` finds a model.
 
-    def __init__(self, settings: Settings, pool: asyncpg.Pool, session: aiohttp.ClientSession):
+    Per model and provider the price is the first that applies: the operator's (per-provider model override
+    or MODELS_PATH) -> the provider's own `pricing` in its model list -> the price database (genai-prices'
+    data) -> none: listed disabled with the reason, never sold. Local providers (vLLM, Ollama) take only
+    the operator's price. FIXED_PRICING prices every route at the FIXED_* prices. A model several providers
+    serve gets one route each, best first: lower `priority`, then lower price.
+    """
+
+    def __init__(self, settings: Settings, pool: asyncpg.Pool, session: aiohttp.ClientSession,
+                 store: ProviderStore, environ: Mapping[str, str]):  # fmt: skip
         self.settings = settings
         self.pool = pool
         self.session = session
+        self.store = store
+        self.environ = environ
         self.file_models = load_models_file(settings.models_path)
-        self.upstream_models: list[dict] = []
+        self.listed: dict[str, list[dict]] = {}  # provider slug -> its last model list
+        self.providers: list[Provider] = []
+        self.upstreams = bus.Upstreams(())
         self.btc_usd: Decimal | None = settings.btc_usd_rate
         self.current = bus.Catalog((), "0", settings.fixed_pricing, "")
         self._by_id: dict[str, bus.ModelEntry] = {}
@@ -90,98 +106,172 @@ class Catalog:
         )
 
     async def refresh(self) -> bool:
-        """Rebuild from the upstream list and the rate; True when anything a client sees changed."""
-        await asyncio.gather(self._fetch_upstream(), self._fetch_rate())
-        models = self._build()
+        """Rebuild from the providers, their model lists and the rate; True when anything a client or gateway sees
+        changed."""
+        await self._load_providers()
+        await asyncio.gather(self._fetch_lists(), self._fetch_rate())
+        models = self._build(await self.store.all_models())
         rate = str(self.btc_usd or 0)
-        digest = hashlib.sha256(bus.encode(bus.Catalog(models, rate, self.settings.fixed_pricing, ""))).hexdigest()
-        changed = digest[:16] != self.current.revision
-        self.current = bus.Catalog(models, rate, self.settings.fixed_pricing, digest[:16])
+        digest = hashlib.sha256(
+            bus.encode(bus.Catalog(models, rate, self.settings.fixed_pricing, "")) + bus.encode(self.upstreams)
+        ).hexdigest()[:16]
+        changed = digest != self.current.revision
+        self.current = bus.Catalog(models, rate, self.settings.fixed_pricing, digest)
+        self.upstreams = bus.Upstreams(self.upstreams.upstreams, digest)
         self._by_id = {}
         for entry in models:
             self._by_id[entry.id] = entry
+        for entry in models:
             for alias in entry.aliases:
                 self._by_id.setdefault(alias, entry)
         return changed
 
-    def resolve(self, model: str) -> tuple[str, bus.Price, int]:
-        """(upstream model id, price, max completion tokens) for a requested model, or a typed error."""
+    def resolve(self, model: str) -> tuple[str, bus.Price, int, tuple[bus.Route, ...]]:
+        """(canonical model id, best price, max completion tokens, routes best first) for a requested model.
+
+        Raises LedgerError `model_not_found` (404; also for a listed model that is not sold, with the reason),
+        `pricing_unavailable` (503) before a BTC/USD rate is known, `no_upstream` (503) with no provider.
+        """
         entry = self._by_id.get(model)
-        if self.settings.fixed_pricing:
-            upstream = entry.upstream_id if entry else model
-            limit = entry.max_completion_tokens if entry else self.settings.default_max_tokens
-            return upstream, self.fixed, limit
+        if entry is None and self.settings.fixed_pricing:
+            routes = tuple(bus.Route(p.slug, model, self.fixed) for p in self._routable())
+            if not routes:
+                raise _error("no_upstream", "No upstream provider is configured or enabled", 503)
+            return model, self.fixed, self.settings.default_max_tokens, routes
         if entry is None:
             if self.btc_usd is None:
                 raise _error("pricing_unavailable", "No BTC/USD rate is available to price models yet", 503)
             raise _error("model_not_found", f"Model {model!r} is not offered by this node", 404)
-        return entry.upstream_id, entry.price, entry.max_completion_tokens
+        if not entry.enabled:
+            raise _error("model_not_found", f"Model {model!r} is not sold by this node: {entry.disabled_reason}", 404)
+        return entry.id, entry.price, entry.max_completion_tokens, entry.routes
+
+    def route_prices(self, model: str) -> set[bus.Price]:
+        """The prices a call of this (canonical) model may be settled at: one per current route."""
+        entry = self._by_id.get(model)
+        return {route.price for route in entry.routes} if entry else set()
+
+    # ---- providers and their lists -------------------------------------------------------
+
+    async def _load_providers(self) -> None:
+        upstreams = []
+        providers = []
+        for provider in await self.store.list():
+            if not provider.enabled:
+                continue
+            try:
+                key = provider.key(self.environ)
+            except ConfigError as exc:
+                log.error("%s; the provider is left out", exc)
+                continue
+            providers.append(provider)
+            upstreams.append(bus.Upstream(provider.slug, provider.provider_type, provider.base_url, key,
+                                          provider.api_version, provider.priority))  # fmt: skip
+        self.providers = providers
+        self.upstreams = bus.Upstreams(tuple(upstreams), self.upstreams.revision)
+
+    def _routable(self) -> list[Provider]:
+        return sorted(self.providers, key=lambda p: (p.priority, p.slug))
+
+    async def _fetch_lists(self) -> None:
+        keys = {u.slug: u.api_key for u in self.upstreams.upstreams}
+
+        async def one(provider: Provider) -> None:
+            models = await fetch_models(self.session, provider, keys.get(provider.slug, ""))
+            if models is not None:
+                self.listed[provider.slug] = models  # else: keep the last list it gave
+
+        await asyncio.gather(*(one(p) for p in self.providers))
 
     # ---- building ------------------------------------------------------------------------
 
-    def _build(self) -> tuple[bus.ModelEntry, ...]:
-        merged: dict[str, dict] = {}
-        for model in self.upstream_models:
-            if isinstance(model, dict) and isinstance(model.get("id"), str):
-                merged[model["id"]] = dict(model)
-        for model in self.file_models:
-            base = merged.get(model["id"], {})
-            merged[model["id"]] = {**base, **model, "pricing": {**base.get("pricing", {}), **model.get("pricing", {})}}
+    def _offers(self, provider: Provider, overrides: list[dict]) -> list[tuple[dict, dict | None]]:
+        """(model as listed and overridden, operator pricing or None) for each model this provider sells."""
+        listed = {m["id"]: dict(m) for m in self.listed.get(provider.slug, ())}
+        operator: dict[str, dict] = {}
+        files = {m["id"]: m for m in self.file_models}
+        if provider.source == "env":
+            for model_id in files:
+                listed.setdefault(model_id, {"id": model_id})  # the one-upstream shorthand: the file names models
+        for model_id, model in list(listed.items()):
+            if model_id in files:
+                listed[model_id] = {**model, **files[model_id], "pricing": model.get("pricing", {})}
+                if files[model_id].get("pricing"):
+                    operator[model_id] = files[model_id]["pricing"]
+        for override in overrides:
+            base = listed.get(override["id"], {"id": override["id"]})
+            listed[override["id"]] = {**base, **override, "pricing": base.get("pricing", {})}
+            if override.get("pricing"):
+                operator[override["id"]] = override["pricing"]
+        if provider.models is not None:
+            listed = {i: listed.get(i, {"id": i}) for i in provider.models}
+        return [(m, operator.get(i)) for i, m in listed.items() if m.get("enabled") is not False]
+
+    def _usd(self, provider: Provider, model: dict, operator: dict | None) -> tuple[dict[str, Decimal] | None, str]:
+        """The USD prices per token by the rule's order, or None and why not."""
+        if operator:
+            return _usd_fields(operator, model["id"]), ""
+        if provider.provider_type in LOCAL_TYPES:
+            return None, "a local model is priced by the operator only (models file, admin API or FIXED_PRICING)"
+        try:
+            published = _usd_fields(model.get("pricing") or {}, model["id"])
+        except ConfigError:
+            published = {}  # e.g. OpenRouter's "-1" for a variable price
+        if any(published.values()):
+            return published, ""
+        known = price_db.lookup(model["id"], provider.provider_type)
+        if known:
+            return known, ""
+        return None, "no price known: the provider publishes none and the price database has none"
+
+    def _build(self, overrides: dict[int, list[dict]]) -> tuple[bus.ModelEntry, ...]:
+        offers: dict[str, list[tuple[Provider, dict, bus.Price | None, dict, str]]] = {}
+        for provider in self._routable():
+            for model, operator in self._offers(provider, overrides.get(provider.id or 0, [])):
+                usd, reason = self._usd(provider, model, operator)
+                if self.settings.fixed_pricing:
+                    price, reason = self.fixed, ""
+                elif usd is not None and self.btc_usd:
+                    fee = provider.provider_fee or self.settings.upstream_provider_fee
+                    price = pricing.usd_price(usd, self.btc_usd, fee * self.settings.exchange_fee)
+                else:
+                    price, reason = None, reason or "no BTC/USD rate yet"
+                offers.setdefault(model["id"], []).append((provider, model, price, usd or {}, reason))
         entries = []
-        for model in merged.values():
-            if model.get("enabled") is False:
+        for model_id, found in offers.items():
+            priced = [o for o in found if o[2] is not None]
+            priced.sort(key=lambda o: (o[0].priority, pricing.max_cost(o[2], 1000, 1000), o[0].slug))
+            if not priced:
+                entries.append(self._entry(found[0][1], bus.Price(), {}, (), found[0][4]))
                 continue
-            entry = self._entry(model)
-            if entry is not None:
-                entries.append(entry)
+            routes = tuple(
+                bus.Route(p.slug, model.get("forwarded_model_id") or model.get("upstream_id") or model_id, price)
+                for p, model, price, _, _ in priced
+            )  # fmt: skip
+            _, model, price, usd, _ = priced[0]
+            aliases = [a for _, m, _, _, _ in found for a in (*m.get("aliases", ()), *m.get("alias_ids", ()))]
+            entries.append(self._entry({**model, "aliases": aliases, "alias_ids": []}, price, usd, routes, ""))
         return tuple(sorted(entries, key=lambda e: e.id))
 
-    def _entry(self, model: dict) -> bus.ModelEntry | None:
-        usd = {k: _decimal(v, f"{model['id']} pricing.{k}") for k, v in (model.get("pricing") or {}).items()
-               if k in PRICE_FIELDS and v not in (None, "")}  # fmt: skip
-        if self.settings.fixed_pricing:
-            price = self.fixed
-        elif usd and self.btc_usd:
-            price = pricing.usd_price(
-                usd, self.btc_usd, self.settings.upstream_provider_fee * self.settings.exchange_fee
-            )
-        else:
-            return None  # a model without a price cannot be sold
+    def _entry(self, model: dict, price: bus.Price, usd: dict[str, Decimal], routes: tuple[bus.Route, ...],
+               reason: str) -> bus.ModelEntry:  # fmt: skip
         if self.settings.fixed_pricing and self.btc_usd:
             usd = _fixed_usd(self.fixed, self.btc_usd)
-        context = model.get("context_length") or model.get("top_provider", {}).get("context_length") or 128_000
-        limit = (
-            model.get("max_completion_tokens")
-            or (model.get("top_provider") or {}).get("max_completion_tokens")
-            or self.settings.default_max_tokens
-        )
-        aliases = tuple(model.get("aliases", ()))
+        top = model.get("top_provider") or {}
+        context = model.get("context_length") or top.get("context_length") or 128_000
+        limit = model.get("max_completion_tokens") or top.get("max_completion_tokens")
+        limit = limit or self.settings.default_max_tokens
+        aliases = tuple(dict.fromkeys([*model.get("aliases", ()), *model.get("alias_ids", ())]))
         if "/" in model["id"] and model["id"].split("/", 1)[1] not in aliases:
             aliases += (model["id"].split("/", 1)[1],)  # getbased filters on bare ids: claude-… next to anthropic/…
         return bus.ModelEntry(
-            id=model["id"], name=model.get("name") or model["id"], upstream_id=model.get("upstream_id") or model["id"],
+            id=model["id"], name=model.get("name") or model["id"],
+            upstream_id=routes[0].upstream_id if routes else model["id"],
             context_length=int(context), max_completion_tokens=int(limit),
             architecture={**TEXT, **(model.get("architecture") or {})},
             usd={k: str(v) for k, v in usd.items()}, price=price, aliases=aliases,
+            enabled=bool(routes), disabled_reason=reason, routes=routes,
         )  # fmt: skip
-
-    async def _fetch_upstream(self) -> None:
-        if not self.settings.upstream_base_url:
-            return
-        headers = (
-            {"Authorization": f"Bearer {self.settings.upstream_api_key}"} if self.settings.upstream_api_key else {}
-        )
-        try:
-            async with self.session.get(f"{self.settings.upstream_base_url}/models", headers=headers) as response:
-                if response.status == 200:
-                    data = await response.json(content_type=None)
-                    models = data.get("data") if isinstance(data, dict) else None
-                    if isinstance(models, list):
-                        self.upstream_models = models
-                        return
-                log.warning("upstream model list answered %s", response.status)
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            log.warning("upstream model list unavailable: %s", exc.__class__.__name__)
 
     async def _fetch_rate(self) -> None:
         if self.settings.btc_usd_rate is not None:
@@ -204,6 +294,11 @@ class Catalog:
         if cached:
             self.btc_usd = Decimal(cached)
         log.warning("no live BTC/USD rate; using %s", "the cached one" if cached else "none (models cannot be priced)")
+
+
+def _usd_fields(prices: Mapping[str, Any], model_id: str) -> dict[str, Decimal]:
+    return {k: _decimal(v, f"{model_id} pricing.{k}") for k, v in prices.items()
+            if k in PRICE_FIELDS and v not in (None, "")}  # fmt: skip
 
 
 def _fixed_usd(price: bus.Price, btc_usd: Decimal) -> dict[str, Decimal]:

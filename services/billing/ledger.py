@@ -190,9 +190,11 @@ class Ledger:
 
     # ---- reservations and settlement -------------------------------------------------------
 
-    async def reserve(self, message: bus.Reserve, model: str, price: bus.Price, amount: int) -> bus.Reserved:
+    async def reserve(self, message: bus.Reserve, model: str, price: bus.Price, amount: int,
+                      routes: tuple[bus.Route, ...] = ()) -> bus.Reserved:  # fmt: skip
         """Hold `amount` with one conditional UPDATE (in `billing.reserve`): concurrent calls on one key can
-        never overspend, and a retried request gets its existing hold back."""
+        never overspend, and a retried request gets its existing hold back. `routes` are passed on to the
+        gateway (where to forward, best first)."""
         args = (message.key_hash, message.request_id, uuid.uuid4().hex, model, amount, bus.encode(price))
         try:
             row = await self.pool.fetchrow("SELECT * FROM billing.reserve($1, $2, $3, $4, $5, $6)", *args)
@@ -204,13 +206,14 @@ class Ledger:
             message_text = f"Insufficient balance: {amount} msat required, {row['spendable']} msat available"
             raise LedgerError(fail("insufficient_balance", message_text, 402))
         return bus.Reserved(row["reservation_id"], row["amount_msat"], row["spendable"], row["model"],
-                            _price(row["price"]))  # fmt: skip
+                            _price(row["price"]), routes)  # fmt: skip
 
-    async def settle(self, usage: bus.Usage) -> bus.Settled:
+    async def settle(self, usage: bus.Usage, charge_price: bus.Price | None = None) -> bus.Settled:
         """Charge a call's usage exactly once (by request id) and release the rest of its reservation.
 
-        The cost is computed here with `shared.pricing` at the reservation's price and applied by
-        `billing.settle` in one round trip, which checks that price, locks, caps and writes the ledger.
+        The cost is computed here with `shared.pricing` at `charge_price` (the price of the provider that
+        answered, checked by the caller) or else the reservation's price, and applied by `billing.settle`
+        in one round trip, which checks the reservation's price, locks, caps and writes the ledger.
         """
         price = usage.price
         if price is None:  # an event without the price: read it from the reservation first
@@ -224,8 +227,9 @@ class Ledger:
             base = input_msat = output_msat = total = 0
         else:
             base, input_msat, output_msat, total = pricing.cost(
-                price, usage.prompt_tokens, usage.completion_tokens, usage.cache_read_tokens, usage.cache_write_tokens
-            )
+                charge_price or price, usage.prompt_tokens, usage.completion_tokens, usage.cache_read_tokens,
+                usage.cache_write_tokens,
+            )  # fmt: skip
         try:
             done = await self.pool.fetchrow(
                 "SELECT * FROM billing.settle($1, $2, $3, $4, $5, $6, $7, $8, $9)",

@@ -15,6 +15,7 @@ from services.gateway.billing_client import BillingClient
 from services.gateway.errors import detail_error, openai_error
 from services.gateway.proxy import MODEL, REQUEST_ID, Proxy
 from services.gateway.ratelimit import RateLimiter, client_address
+from services.gateway.routing import Router
 from shared import bus, messaging
 from shared.config import Settings
 from shared.metrics import GatewayMetrics
@@ -131,7 +132,13 @@ async def _resources(app: web.Application) -> None:
         auto_decompress=True,
     )
     billing = BillingClient(nc, nc.jetstream())
-    proxy = Proxy(settings, session, billing, app[METRICS], lambda: catalog.usd_per_msat(app))
+    router = Router(nc, app[METRICS], settings.upstream_cooldown)
+
+    async def providers_changed(msg) -> None:
+        router.stale()
+
+    await nc.subscribe(bus.EVENT_CATALOG_CHANGED, cb=providers_changed)
+    proxy = Proxy(settings, session, billing, app[METRICS], lambda: catalog.usd_per_msat(app), router)
     app[PROXY] = proxy
     app[balance.BALANCE] = balance.BalanceAPI(billing)
     app[lightning.LIGHTNING] = lightning.LightningAPI(nc)

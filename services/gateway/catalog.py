@@ -109,8 +109,14 @@ async def _identity(app: web.Application) -> bus.NodeIdentity | None:
 
 
 async def _info(request: web.Request) -> web.Response:
+    """The node's identity, and the models it sells with their sats prices (as the announcement lists them)."""
     settings = request.app[SETTINGS]
     identity = await _identity(request.app)
+    try:
+        catalog, _ = await current_catalog(request.app)
+        models = {m.id: sats_pricing(m) for m in catalog.models if m.enabled}
+    except BusError:
+        models = {}  # billing not up yet: the rest of /v1/info still answers
     return web.json_response(
         {
             "name": settings.name,
@@ -122,6 +128,7 @@ async def _info(request: web.Request) -> web.Response:
             "http_url": settings.http_url,
             "onion_url": settings.onion_url,
             "child_key_cost_msats": 0,
+            "models": models,
         }
     )
 

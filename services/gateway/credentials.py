@@ -64,10 +64,12 @@ def from_key(api_key: str) -> Credential:
 
 
 def bearer(request: web.Request) -> str | None:
+    """The Bearer value; else, on Anthropic's Messages API, its `x-api-key` header (what Anthropic SDKs send)."""
     header = request.headers.get("Authorization", "").strip()
     scheme, _, value = header.partition(" ")
     if scheme.lower() != "bearer" or not value.strip():
-        return None
+        anthropic_key = request.headers.get("x-api-key", "").strip() if request.path == "/v1/messages" else ""
+        return anthropic_key or None
     return value.strip()
 
 

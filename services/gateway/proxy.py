@@ -23,6 +23,7 @@ from aiohttp import web
 from services.gateway.billing_client import BillingClient, usage_from
 from services.gateway.credentials import Credential, CredentialError, credential
 from services.gateway.errors import from_bus, openai_error
+from services.gateway.routing import Router, headers_for
 from shared import bus
 from shared.config import Settings
 from shared.messaging import BusError
@@ -36,6 +37,7 @@ MODEL = web.RequestKey("model", str)
 _DROP_REQUEST = {
     "host", "content-length", "authorization", "x-cashu", "cookie", "connection", "keep-alive",
     "transfer-encoding", "te", "upgrade", "proxy-authorization", "accept-encoding", "x-routstr-model",
+    "x-api-key",
 }  # fmt: skip
 # Change that could not be cut with this response (billing, wallet or mint hiccup): it is completed by
 # billing's refund loop or stays on the payment's balance; either way POST /v1/balance/refund with the
@@ -65,6 +67,8 @@ class Call:
     started: float = field(default_factory=time.monotonic)
     streamed_chars: int = 0
     usage: tuple[int, int, int, int] | None = None
+    route: bus.Route | None = None  # the route that answered, once one did
+    provider_type: str = ""  # the answering provider's type: how its usage is read
 
     def usage_event(self, source: str, status: int) -> bus.Usage:
         if source == "reported" and self.usage:
@@ -79,6 +83,8 @@ class Call:
             model=self.reserved.model, prompt_tokens=prompt, completion_tokens=completion,
             cache_read_tokens=cache_read, cache_write_tokens=cache_write, source=source, status=status,
             ts=time.time(), price=self.reserved.price,
+            route_price=self.route.price if self.route and self.route.price != self.reserved.price else None,
+            provider=self.route.provider if self.route else "",
         )  # fmt: skip
 
 
@@ -129,14 +135,14 @@ class Proxy:
         billing: BillingClient,
         metrics: GatewayMetrics,
         usd_per_msat: Callable[[], float | None],
+        router: Router,
     ):
         self.settings = settings
         self.session = session
         self.billing = billing
         self.metrics = metrics
         self.usd_per_msat = usd_per_msat
-        self.base = settings.upstream_base_url
-        self.auth = {"Authorization": f"Bearer {settings.upstream_api_key}"} if settings.upstream_api_key else {}
+        self.router = router
         self.background: set[asyncio.Task] = set()
 
     # ---- entry points --------------------------------------------------------------------------
@@ -181,9 +187,7 @@ class Proxy:
             self.metrics.payments.labels(cred.mode, exc.error.code).inc()
             return from_bus(exc.error, headers=await self.change(cred))
         self.metrics.payments.labels(cred.mode, "ok").inc()
-        request[MODEL] = reserved.model
-        if reserved.model != body.get("model") and "X-Routstr-Model" not in request.headers:
-            body["model"] = reserved.model  # an alias: upstream knows the canonical id
+        request[MODEL] = reserved.model  # the forwarded id is set per route (`connect`)
         call = Call(request[REQUEST_ID], cred, path, body, reserved, prompt_estimate)
         return await self.forward(request, call)
 
@@ -198,9 +202,17 @@ class Proxy:
         except BusError as exc:
             return from_bus(exc.error)
         try:
+            table = await self.router.table()
+        except BusError as exc:
+            return from_bus(exc.error)
+        if not table:
+            return openai_error(503, "No upstream provider is configured", "upstream_unavailable",
+                                headers={"Retry-After": "5"})  # fmt: skip
+        first = min(table.values(), key=lambda u: (u.priority, u.slug))
+        try:
             async with self.session.request(
-                request.method, self.base + request.path.removeprefix("/v1"), params=request.query,
-                headers={**self._forward_headers(request), **self.auth},
+                request.method, first.base_url + request.path.removeprefix("/v1"), params=request.query,
+                headers={**self._forward_headers(request), **headers_for(first, request.path)},
             ) as upstream:  # fmt: skip
                 data = await upstream.read()
                 headers = {k: v for k, v in upstream.headers.items() if k.lower() in _KEEP_RESPONSE}
@@ -227,17 +239,10 @@ class Proxy:
         if streaming and call.path.endswith("completions"):
             # Ask for usage so the call is charged exactly; the usage event reaches the client only if it asked.
             call.body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
-        url = self.base + call.path.removeprefix("/v1")
-        headers = {**self._forward_headers(request), **self.auth, "Content-Type": "application/json"}
-        started = time.monotonic()
-        try:
-            upstream = await self.session.post(url, data=_json_encode(call.body), headers=headers)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            await self.finish(call, "failed", 502)
-            failure = self._upstream_failure(exc)
-            failure.headers.update(await self.change(call.cred))
-            return failure
-        self.metrics.upstream_ttfb_seconds.labels(call.reserved.model).observe(time.monotonic() - started)
+        upstream = await self.connect(request, call)
+        if isinstance(upstream, web.StreamResponse):
+            return upstream  # no provider answered: refused, nothing charged
+        started = call.started
         try:
             if upstream.status >= 400:
                 return await self.relay_error(call, upstream)
@@ -247,6 +252,65 @@ class Proxy:
         finally:
             upstream.release()
             self.metrics.upstream_seconds.labels(call.reserved.model).observe(time.monotonic() - started)
+
+    async def connect(self, request: web.Request, call: Call) -> aiohttp.ClientResponse | web.StreamResponse:
+        """Try the call's routes in order until one answers; the answer's status line and headers are back.
+
+        A connect error, no first byte within UPSTREAM_FIRST_BYTE_TIMEOUT, `429` or `5xx` moves on to the
+        next route and cools the provider down; the last route's 429/5xx is relayed as it is. With no route
+        left the call is settled as failed (nothing charged) and refused: `503` + `Retry-After` when every
+        provider is cooling down, else `502`/`504` as the last failure was.
+        """
+        provider_type = "anthropic" if call.path == "/v1/messages" else None
+        try:
+            candidates, wait = await self.router.candidates(call.reserved.routes, provider_type)
+        except BusError:  # billing never told this gateway its providers (it answered the reservation, though)
+            candidates, wait = [], 5.0
+        keep_model = "X-Routstr-Model" in request.headers
+        payload_model = call.body.get("model")
+        failure: BaseException | None = None
+        for i, (upstream, route) in enumerate(candidates):
+            last = i == len(candidates) - 1
+            if not keep_model:
+                call.body["model"] = route.upstream_id
+            headers = {**self._forward_headers(request), "Content-Type": "application/json"}
+            headers.update(headers_for(upstream, call.path))  # its own auth; clients' credentials never go on
+            started = time.monotonic()
+            try:
+                response = await asyncio.wait_for(
+                    self.session.post(upstream.base_url + call.path.removeprefix("/v1"), data=_json_encode(call.body),
+                                      headers=headers),
+                    self.settings.upstream_first_byte_timeout,
+                )  # fmt: skip
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                self.router.failed(upstream, "first_byte_timeout" if isinstance(exc, TimeoutError) else "connect_error")
+                failure = exc
+                if not last:
+                    self.metrics.provider_failovers.labels(upstream.slug).inc()
+                continue
+            if (response.status == 429 or response.status >= 500) and not last:
+                response.release()
+                self.router.failed(upstream, "http_429" if response.status == 429 else "http_5xx")
+                self.metrics.provider_failovers.labels(upstream.slug).inc()
+                continue
+            if response.status == 429 or response.status >= 500:
+                self.router.failed(upstream, "http_429" if response.status == 429 else "http_5xx")
+            else:
+                self.router.answered(upstream, time.monotonic() - started)
+            call.route, call.started, call.provider_type = route, started, upstream.provider_type
+            self.metrics.upstream_ttfb_seconds.labels(call.reserved.model).observe(time.monotonic() - started)
+            return response
+        call.body["model"] = payload_model
+        await self.finish(call, "failed", 502)
+        change = await self.change(call.cred)
+        if failure is None:
+            retry = str(max(1, math.ceil(wait))) if wait != math.inf else "5"
+            self.metrics.upstream_errors.labels("no_provider").inc()
+            return openai_error(503, "No upstream provider can serve this model right now; retry later",
+                                "upstream_unavailable", headers={**change, "Retry-After": retry})  # fmt: skip
+        refused = self._upstream_failure(failure)
+        refused.headers.update(change)
+        return refused
 
     async def relay_error(self, call: Call, upstream: aiohttp.ClientResponse) -> web.Response:
         """An upstream error: relayed in the OpenAI shape, charged nothing, change returned."""
@@ -270,7 +334,7 @@ class Proxy:
         except msgspec.DecodeError:
             await self.finish(call, "estimated", upstream.status)
             return web.Response(status=upstream.status, body=data, content_type=upstream.content_type)
-        call.usage = usage_from(body)
+        call.usage = metered_usage(body, call.provider_type)
         if call.usage is None:
             call.streamed_chars = len(data)
         settled = await self.finish(call, "reported" if call.usage else "estimated", upstream.status)
@@ -308,7 +372,9 @@ class Proxy:
                             done = True
                             continue
                         parsed = _parse(data) if data else None
-                        if parsed is not None and parsed.get("type") == "response.completed":
+                        if parsed is not None and parsed.get("type") in ("message_start", "message_delta"):
+                            call.usage = anthropic_stream_usage(parsed, call.usage)  # Anthropic's Messages API
+                        elif parsed is not None and parsed.get("type") == "response.completed":
                             call.usage = usage_from(parsed.get("response") or {})  # the Responses API
                         elif parsed is not None and parsed.get("usage"):
                             call.usage = usage_from(parsed)
@@ -390,6 +456,32 @@ class Proxy:
         """On shutdown: let settlements and change that are under way finish."""
         if self.background:
             await asyncio.wait(self.background, timeout=10)
+
+
+def metered_usage(body: dict, provider_type: str) -> tuple[int, int, int, int] | None:
+    """(prompt, completion, cache_read, cache_write) tokens by the provider's semantics: Anthropic's
+    `input_tokens` excludes cache reads, so they are added back (pricing.cost charges prompt - cache_read
+    at the prompt price); every other type reports OpenAI's `usage`."""
+    usage = usage_from(body)
+    if provider_type == "anthropic" and usage is not None and isinstance(body.get("usage"), dict):
+        prompt, completion, cache_read, cache_write = usage
+        return prompt + cache_read, completion, cache_read, cache_write
+    return usage
+
+
+def anthropic_stream_usage(event: dict, usage: tuple[int, int, int, int] | None) -> tuple[int, int, int, int] | None:
+    """Anthropic's streamed usage: `message_start` carries the input counts, `message_delta` the output so far."""
+    if event.get("type") == "message_start":
+        message = event.get("message")
+        return metered_usage(message, "anthropic") if isinstance(message, dict) else usage
+    reported = event.get("usage")
+    if not isinstance(reported, dict):
+        return usage
+    prompt, _, cache_read, cache_write = usage or (0, 0, 0, 0)
+    try:
+        return prompt, int(reported.get("output_tokens") or 0), cache_read, cache_write
+    except (TypeError, ValueError):
+        return usage
 
 
 def _sse_data(event: bytes) -> bytes | None:
