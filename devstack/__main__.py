@@ -27,7 +27,7 @@ import asyncpg
 
 from devstack import processes
 from devstack.supervisor import Supervisor
-from shared.config import ConfigError, load_settings
+from shared.config import RUN_ENV, ConfigError, load_settings
 
 RUN_DIR = Path(".run")
 SERVICES = ("billing", "wallet", "discovery", "gateway")
@@ -125,6 +125,9 @@ def main() -> int:
         for service in SERVICES:
             supervisor.start(service, [sys.executable, "-m", f"services.{service}"], env, RUN_DIR / f"{service}.log")
         (RUN_DIR / "state.json").write_text(json.dumps({"mints": env["CASHU_MINTS"].split(",")}))
+        # Operator commands (`python -m services.billing reconcile`, …) read this to find what was started.
+        RUN_ENV.touch(mode=0o600)
+        RUN_ENV.write_text("".join(f"{name}={env[name]}\n" for name in ("NATS_URL", "DATABASE_URL")))
         gateway = f"http://127.0.0.1:{settings.port}"
         for port in (settings.billing_port, settings.wallet_port, settings.discovery_port, settings.port):
             _wait_ready(f"http://127.0.0.1:{port}/readyz", supervisor.processes())  # "up": every service answers
@@ -147,6 +150,7 @@ def main() -> int:
         supervisor.stop()
         for service in reversed(started):
             service.stop()
+        RUN_ENV.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -117,6 +117,8 @@ class Usage(msgspec.Struct, tag="usage", frozen=True):
     # billing charges it when it is one of the model's route prices.
     route_price: Price | None = None
     provider: str = ""  # the slug of the provider that answered ("" when none did)
+    latency_ms: int = 0  # from the request's arrival to the end of the answer (request log)
+    attempts: int = 1  # upstream attempts, failovers included (request log)
 
 
 class Settled(msgspec.Struct, tag="settled", frozen=True):
@@ -343,6 +345,30 @@ class Holdings(msgspec.Struct, tag="holdings", frozen=True):
     by_mint: dict[str, int]
 
 
+# ---- admin (the operator's plane) -------------------------------------------------------------
+
+# The gateway forwards each admin API call to billing, which checks the session/CLI token in Postgres,
+# so every replica accepts every session. `op` names the operation (services/billing/admin/);
+# `token_hash` is the sha256 of the bearer token (the token itself never travels), `password` and
+# `new_password` only on login and password change. The answer is the HTTP status and JSON body.
+BILLING_ADMIN = "billing.admin"  # AdminCall -> AdminAnswer
+
+
+class AdminCall(msgspec.Struct, tag="admin_call", frozen=True):
+    op: str
+    token_hash: str = ""
+    body: Any = None
+    query: dict[str, str] = {}
+    params: dict[str, str] = {}  # path parameters, e.g. {"id": "3"}
+    client: str = ""  # the client's address (failed-login rate limit)
+
+
+class AdminAnswer(msgspec.Struct, tag="admin_answer", frozen=True):
+    status: int
+    body: Any
+    retry_after: int | None = None
+
+
 # ---- discovery -------------------------------------------------------------------------------
 
 
@@ -403,6 +429,7 @@ Message = (
     | Redeem | Redeemed | Issue | Issued | Pay | Paid | HoldingsQuery | Holdings
     | InfoQuery | NodeIdentity | ProvidersQuery | Providers
     | RefundQuery | PayoutAbort | PayoutOutcome
+    | AdminCall | AdminAnswer
     | UpstreamsQuery | Upstreams
 )  # fmt: skip
 

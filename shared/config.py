@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import msgspec
+from dotenv import dotenv_values
 
 
 class ConfigError(ValueError):
@@ -128,6 +129,12 @@ SETTINGS_DOC: dict[str, tuple[str, str, bool]] = {
     "USAGE_STREAM_REPLICAS": ("1", "JetStream replicas of the usage stream (3 on a 3-node NATS)", False),
     "ADMIN_PASSWORD": ("", "Secret for the admin API; admin is off when empty", True),
     "RECEIVE_LN_ADDRESS": ("", "Lightning address that operator revenue is paid out to", False),
+    "PAYOUT_THRESHOLD_SATS": (
+        "0",
+        "Pay operator revenue above this many sats to RECEIVE_LN_ADDRESS automatically; 0 = never",
+        False,
+    ),
+    "REQUEST_LOG_RETENTION_DAYS": ("90", "Days the request log (one row per paid call) is kept", False),
     "LOG_LEVEL": ("INFO", "DEBUG, INFO, WARNING or ERROR", False),
 }
 
@@ -171,6 +178,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     usage_stream_replicas: int
     admin_password: str
     receive_ln_address: str
+    payout_threshold_sats: int
+    request_log_retention_days: int
     log_level: str
     dependency_timeout: int = 3
     pending_retry_seconds: int = 10
@@ -180,21 +189,22 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def _read_dotenv(path: Path) -> dict[str, str]:
-    values: dict[str, str] = {}
+    """A `.env` file's values, parsed by python-dotenv as shells do: quotes, `export`, inline `# comments`."""
     if not path.is_file():
-        return values
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line or line.startswith("#") or "=" not in line:
-            continue
-        key, _, value = line.partition("=")
-        values[key.strip().removeprefix("export ").strip()] = value.strip().strip("'\"")
-    return values
+        return {}
+    return {key: value or "" for key, value in dotenv_values(path).items()}
 
 
-def load_settings(environ: Mapping[str, str] | None = None, dotenv: Path | None = Path(".env")) -> Settings:
-    """Read, convert and validate every variable; the environment wins over `.env`."""
-    env = dict(_read_dotenv(dotenv)) if dotenv else {}
+RUN_ENV = Path(".run/env")  # NATS_URL and DATABASE_URL of the servers a running `make run` started
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None, dotenv: Path | None = Path(".env"), run_env: Path | None = None
+) -> Settings:
+    """Read, convert and validate every variable; the environment wins over `.env`, which wins over
+    `run_env` (operator commands pass RUN_ENV, so they find the node `make run` started)."""
+    env = dict(_read_dotenv(run_env)) if run_env else {}
+    env.update(_read_dotenv(dotenv) if dotenv else {})
     env.update(os.environ if environ is None else environ)
 
     def get(name: str) -> str:
@@ -280,6 +290,8 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv: Path | None 
         usage_stream_replicas=positive("USAGE_STREAM_REPLICAS"),
         admin_password=get("ADMIN_PASSWORD"),
         receive_ln_address=get("RECEIVE_LN_ADDRESS").strip(),
+        payout_threshold_sats=non_negative("PAYOUT_THRESHOLD_SATS"),
+        request_log_retention_days=positive("REQUEST_LOG_RETENTION_DAYS"),
         log_level=level,
         dependency_timeout=positive("DEPENDENCY_TIMEOUT"),
         pending_retry_seconds=positive("PENDING_RETRY_SECONDS"),

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import sys
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
@@ -16,7 +17,7 @@ from nats.aio.client import Client as NATS
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from shared import db
-from shared.config import ConfigError, Settings, load_settings, require
+from shared.config import RUN_ENV, ConfigError, Settings, load_settings, require
 from shared.logs import setup_logging
 
 log = logging.getLogger(__name__)
@@ -122,20 +123,41 @@ async def retry_start(what: str, connect: Callable[[], Awaitable], attempts: int
     raise AssertionError("unreachable")
 
 
+@dataclass(frozen=True)
+class Command:
+    """An operator command beside `serve` and `migrate`: `run(settings, args)` returns the exit code."""
+
+    help: str
+    run: Callable[[Settings, argparse.Namespace], int]
+    needs: tuple[str, ...] = ()
+    arguments: Callable[[argparse.ArgumentParser], None] = lambda parser: None
+
+
 def main(
     service: str,
     build: Callable[[Settings], Awaitable[web.Application]],
     port: Callable[[Settings], int],
     migrations: Path | None = None,
     needs: tuple[str, ...] = ("NATS_URL",),
+    commands: dict[str, Command] | None = None,
 ) -> None:
-    """The entry point of every service: `python -m services.<name> [serve|migrate]`."""
+    """The entry point of every service: `python -m services.<name> [serve|migrate|<command>]`; `--help`
+    lists them all. Settings come from the environment, `.env`, then `.run/env` (what `make run` started)."""
     parser = argparse.ArgumentParser(prog=f"python -m services.{service}")
-    parser.add_argument("command", nargs="?", default="serve", choices=["serve", "migrate"])
+    sub = parser.add_subparsers(dest="command", metavar="command")
+    sub.add_parser("serve", help=f"run the {service} service (the default)")
+    sub.add_parser("migrate", help="apply this service's pending database migrations and exit")
+    for name, command in (commands or {}).items():
+        command.arguments(sub.add_parser(name, help=command.help, description=command.help))
     args = parser.parse_args()
+    args.command = args.command or "serve"
     try:
-        settings = load_settings()
+        settings = load_settings(run_env=RUN_ENV)
         setup_logging(service, settings.log_level)
+        if args.command in (commands or {}):
+            command = commands[args.command]
+            require(settings, *command.needs)
+            sys.exit(command.run(settings, args))
         if args.command == "migrate":
             require(settings, "DATABASE_URL")
             if migrations is None:

@@ -97,6 +97,17 @@ def test_make_run_brings_up_a_working_node_and_stops_everything(tmp_path: Path, 
         change = headers["X-Cashu"]
         assert change.startswith("cashu")
 
+        # Operator commands beside it find its NATS and Postgres through .run/env, without being told.
+        bare = {k: v for k, v in env.items() if k != "NATS_URL"}
+        assert (tmp_path / ".run" / "env").stat().st_mode & 0o077 == 0
+        reconciled = subprocess.run([sys.executable, "-m", "services.billing", "reconcile"], cwd=tmp_path, env=bare,
+                                    capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert reconciled.returncode == 0, reconciled.stderr
+        assert json.loads(reconciled.stdout)["difference_msat"] == 0
+        issued = subprocess.run([sys.executable, "-m", "services.billing", "admin-token", "--name", "ops"],
+                                cwd=tmp_path, env=bare, capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert issued.returncode == 0 and issued.stdout.startswith("rsa_"), issued.stderr
+
         # kill -9 of a service is not an outage: the supervisor restarts it, and paid calls work again.
         os.kill(_child(node, "gateway"), signal.SIGKILL)
         output = _read_until(node, "[supervisor] gateway restarted", output, timeout=30)
@@ -114,6 +125,7 @@ def test_make_run_brings_up_a_working_node_and_stops_everything(tmp_path: Path, 
         rest, _ = node.communicate(timeout=60)
         output += rest
     assert node.returncode == 0, output
+    assert not (tmp_path / ".run" / "env").exists()
     first_mints = _mints(output)
 
     # A second run in the same folder: the dev mint keeps its URL, so the change the node gave out is still
@@ -134,3 +146,20 @@ def test_make_run_brings_up_a_working_node_and_stops_everything(tmp_path: Path, 
     leftovers = subprocess.run(["pgrep", "-f", str(tmp_path / ".run")], capture_output=True, text=True).stdout.split()
     running = subprocess.run(["ps", "-o", "pid,args", "-p", ",".join(leftovers)], capture_output=True, text=True)
     assert not leftovers, f"processes left running: {running.stdout}"
+
+
+def test_every_service_lists_its_commands():
+    expected = {
+        "billing": ("serve", "migrate", "create-key", "reconcile", "admin-token"),
+        "gateway": ("serve", "openapi"),
+        "wallet": ("serve", "migrate"),
+        "discovery": ("serve", "migrate"),
+    }
+    shown = {service: subprocess.Popen([sys.executable, "-m", f"services.{service}", "--help"], cwd=REPO,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for service in expected}  # fmt: skip
+    for service, commands in expected.items():
+        out, err = shown[service].communicate(timeout=60)
+        assert shown[service].returncode == 0, err
+        for command in commands:
+            assert command in out, (service, command)

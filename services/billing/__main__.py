@@ -1,23 +1,21 @@
-"""`python -m services.billing [serve|migrate|create-key --msat N|reconcile]`."""
+"""`python -m services.billing [serve|migrate|create-key|reconcile|admin-token]` (`--help` lists them)."""
 
 import argparse
 import asyncio
 import hashlib
 import json
 import secrets
-import sys
 
 import msgspec
 
+from services.billing.admin.sessions import Sessions
 from services.billing.app import MIGRATIONS, create_app
-from shared import bus, messaging
-from shared.config import load_settings, require
-from shared.service import main
+from shared import bus, db, messaging
+from shared.config import Settings
+from shared.service import Command, main
 
 
-async def _create_key(msat: int) -> str:
-    settings = load_settings()
-    require(settings, "NATS_URL")
+async def _create_key(settings: Settings, msat: int) -> str:
     key = "sk-" + secrets.token_hex(32)
     key_hash = hashlib.sha256(key.encode()).hexdigest()
     nc = await messaging.connect(settings.nats_url, "billing-cli")
@@ -28,9 +26,7 @@ async def _create_key(msat: int) -> str:
     return key
 
 
-async def _reconcile() -> bus.Reconciliation:
-    settings = load_settings()
-    require(settings, "NATS_URL")
+async def _reconcile(settings: Settings) -> bus.Reconciliation:
     nc = await messaging.connect(settings.nats_url, "billing-cli")
     try:
         return await messaging.request(nc, bus.BILLING_RECONCILE, bus.ReconcileQuery(), bus.Reconciliation, 30)
@@ -38,18 +34,45 @@ async def _reconcile() -> bus.Reconciliation:
         await nc.drain()
 
 
-if len(sys.argv) > 1 and sys.argv[1] in ("create-key", "reconcile"):
-    parser = argparse.ArgumentParser(prog="python -m services.billing")
-    parser.add_argument("command", choices=["create-key", "reconcile"])
-    parser.add_argument("--msat", type=int, default=0, help="starting balance of the new key, in msat")
-    args = parser.parse_args()
-    if args.command == "create-key":
-        print(asyncio.run(_create_key(args.msat)))
-    else:
-        result = asyncio.run(_reconcile())
-        print(json.dumps(msgspec.to_builtins(result), indent=2))
-        sys.exit(0 if result.difference_msat == 0 and result.covered else 1)
-else:
-    main(
-        "billing", create_app, port=lambda s: s.billing_port, migrations=MIGRATIONS, needs=("NATS_URL", "DATABASE_URL")
-    )
+async def _admin_token(settings: Settings, name: str, days: int | None) -> dict:
+    pool = await db.create_pool(settings.database_url, min_size=1, max_size=1)
+    try:
+        return await Sessions(pool).create_cli_token(name, days)
+    finally:
+        await pool.close()
+
+
+def create_key(settings: Settings, args: argparse.Namespace) -> int:
+    print(asyncio.run(_create_key(settings, args.msat)))
+    return 0
+
+
+def reconcile(settings: Settings, args: argparse.Namespace) -> int:
+    result = asyncio.run(_reconcile(settings))
+    print(json.dumps(msgspec.to_builtins(result), indent=2))
+    return 0 if result.difference_msat == 0 and result.covered else 1
+
+
+def admin_token(settings: Settings, args: argparse.Namespace) -> int:
+    created = asyncio.run(_admin_token(settings, args.name, args.days))
+    print(created["token"])
+    return 0
+
+
+COMMANDS = {
+    "create-key": Command(
+        "create an sk- key funded by the operator and print it", create_key, ("NATS_URL",),
+        lambda p: p.add_argument("--msat", type=int, default=0, help="starting balance of the new key, in msat"),
+    ),
+    "reconcile": Command("prove the books (exit 1 when they do not balance)", reconcile, ("NATS_URL",)),
+    "admin-token": Command(
+        "create an admin API (CLI) token and print it once", admin_token, ("DATABASE_URL",),
+        lambda p: (p.add_argument("--name", default="cli", help="a name to recognise the token by"),
+                   p.add_argument("--days", type=int, default=None, help="expiry in days (default: never)")),
+    ),
+}  # fmt: skip
+
+main(
+    "billing", create_app, port=lambda s: s.billing_port, migrations=MIGRATIONS, needs=("NATS_URL", "DATABASE_URL"),
+    commands=COMMANDS,
+)  # fmt: skip

@@ -17,6 +17,7 @@ import bolt11
 import msgspec
 from nats.aio.client import Client as NATS
 
+from services.billing.admin.usage import RequestLog
 from services.billing.catalog import Catalog
 from services.billing.ledger import Ledger, LedgerError, PendingRefund, _Repeat
 from shared import bus, pricing
@@ -43,6 +44,7 @@ class Accounts:
         self.nc = nc
         self.metrics = metrics
         self.default_max_tokens = default_max_tokens
+        self.request_log: RequestLog | None = None  # set by the app: the admin request log, written at settlement
 
     async def handle(self, message: bus.Message):
         """Dispatch by message type; ledger refusals become typed bus errors."""
@@ -94,6 +96,8 @@ class Accounts:
                 log.warning("usage %s names a price no route of %s has; charged at the reservation's",
                             usage.request_id, usage.model)  # fmt: skip
         settled = await self.ledger.settle(usage, charge)
+        if self.request_log is not None:  # idempotent by request id, so a redelivered event logs once
+            await self.request_log.record(usage, settled.cost_msat)
         if not settled.already:
             self.metrics.settlements.labels(usage.source).inc()
             self.metrics.charged_msat.labels(usage.model).inc(settled.cost_msat)

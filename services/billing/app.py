@@ -14,6 +14,7 @@ from nats.aio.client import Client as NATS
 from prometheus_client import CollectorRegistry
 
 from services.billing.accounts import Accounts
+from services.billing.admin import Admin
 from services.billing.catalog import Catalog, load_models_file
 from services.billing.ledger import Ledger, LedgerError
 from services.billing.providers import ProviderStore, load_providers_file, shorthand_provider
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
 METRICS = web.AppKey("billing_metrics", BillingMetrics)
 ACCOUNTS = web.AppKey("accounts", Accounts)
+ADMIN = web.AppKey("admin", Admin)
+ADMIN_EVERY = 60.0  # seconds between admin housekeeping rounds (retention, stale withdrawals, auto payout)
 PROVIDERS = web.AppKey("providers", ProviderStore)
 SUBJECTS = (
     bus.BILLING_RESERVE, bus.BILLING_SETTLE, bus.BILLING_DEPOSIT, bus.BILLING_KEY_INFO, bus.BILLING_CREATE_KEY,
@@ -107,13 +110,24 @@ async def _resources(app: web.Application):
     accounts = Accounts(ledger, catalog, nc, metrics, settings.default_max_tokens)
     app[ACCOUNTS] = accounts
     await catalog.refresh()
+    admin = Admin(pool, nc, settings, catalog)
+    await admin.start()
+    app[ADMIN] = admin
+    accounts.request_log = admin.usage
     responder = messaging.Responder(nc, "billing")
     # Subjects answered from Postgres alone get a deadline inside the caller's bus timeout, so a stopped
     # database answers 503 + Retry-After in about DEPENDENCY_TIMEOUT seconds, not the caller's timeout.
     deadline = min(settings.dependency_timeout + 1, bus.REQUEST_TIMEOUT - 0.5)
     for subject in SUBJECTS:
         await responder.serve(subject, accounts.handle, None if subject in WAITS_ON_WALLET else deadline)
+    await responder.serve(bus.BILLING_ADMIN, admin.handle)
     await responder.ready()
+
+    async def housekeeping() -> None:
+        await admin.sessions.sweep()
+        await admin.usage.expire(admin.settings.request_log_retention_days)
+        await admin.money.resume_stale()
+        await admin.money.auto_payout(admin.settings.receive_ln_address, admin.settings.payout_threshold_sats)
 
     async def refresh_catalog() -> None:
         if await catalog.refresh():
@@ -121,6 +135,7 @@ async def _resources(app: web.Application):
 
     async def providers_changed(msg) -> None:
         try:
+            await admin.apply_live()  # the admin API's live settings (fees) are announced with this event too
             await refresh_catalog()
         except Exception:
             log.exception("catalog not rebuilt after a provider change")
@@ -154,6 +169,7 @@ async def _resources(app: web.Application):
         asyncio.create_task(every(GAUGES_EVERY, gauges, stop)),
         asyncio.create_task(every(CATALOG_REFRESH, refresh_catalog, stop)),
         asyncio.create_task(every(settings.pending_retry_seconds, finish_refunds, stop)),
+        asyncio.create_task(every(ADMIN_EVERY, housekeeping, stop)),
     ]
     yield
     await responder.close(timeout=10)

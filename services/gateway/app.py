@@ -10,7 +10,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from services.gateway import balance, catalog, lightning
+from services.gateway import admin, balance, catalog, lightning, openapi
 from services.gateway.billing_client import BillingClient
 from services.gateway.errors import detail_error, openai_error
 from services.gateway.proxy import MODEL, REQUEST_ID, Proxy
@@ -55,7 +55,7 @@ def _cors_headers(settings: Settings, request: web.Request) -> dict[str, str]:
 
 
 def _is_balance(path: str) -> bool:
-    return path.startswith(("/v1/balance", "/v1/wallet", "/lightning", "/v2/lightning"))
+    return path.startswith(("/v1/balance", "/v1/wallet", "/lightning", "/v2/lightning", "/admin"))
 
 
 @web.middleware
@@ -173,6 +173,8 @@ async def create_app(settings: Settings) -> web.Application:
     catalog.setup(app)
     balance.add_routes(app)
     lightning.add_routes(app)
+    admin.add_routes(app)
+    openapi.add_routes(app)
     for path in PAID_PATHS:
         app.router.add_post(path, _paid)
     app.router.add_route("*", "/v1/{tail:.*}", _other_v1)

@@ -69,6 +69,7 @@ class Call:
     usage: tuple[int, int, int, int] | None = None
     route: bus.Route | None = None  # the route that answered, once one did
     provider_type: str = ""  # the answering provider's type: how its usage is read
+    attempts: int = 1  # upstream attempts made, failovers included (the admin request log)
 
     def usage_event(self, source: str, status: int) -> bus.Usage:
         if source == "reported" and self.usage:
@@ -82,9 +83,9 @@ class Call:
             request_id=self.request_id, key_hash=self.cred.key_hash, reservation_id=self.reserved.reservation_id,
             model=self.reserved.model, prompt_tokens=prompt, completion_tokens=completion,
             cache_read_tokens=cache_read, cache_write_tokens=cache_write, source=source, status=status,
-            ts=time.time(), price=self.reserved.price,
+            ts=time.time(), price=self.reserved.price, latency_ms=int((time.monotonic() - self.started) * 1000),
             route_price=self.route.price if self.route and self.route.price != self.reserved.price else None,
-            provider=self.route.provider if self.route else "",
+            provider=self.route.provider if self.route else "", attempts=self.attempts,
         )  # fmt: skip
 
 
@@ -271,6 +272,7 @@ class Proxy:
         failure: BaseException | None = None
         for i, (upstream, route) in enumerate(candidates):
             last = i == len(candidates) - 1
+            call.attempts = i + 1
             if not keep_model:
                 call.body["model"] = route.upstream_id
             headers = {**self._forward_headers(request), "Content-Type": "application/json"}
