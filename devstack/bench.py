@@ -1,11 +1,18 @@
-"""`make bench`: the gateway's added latency and its throughput, against a direct call to the same upstream.
+"""`make bench`: what the node adds over a bare reverse proxy, in one run against the same stub upstream.
 
-One run starts NATS, Postgres, the stub upstream and the node's services as separate processes (as in
-production) and funds `sk-` keys, one per concurrent client: real traffic spreads over many keys, and
-one key's calls serialize on its row lock, the price of never overspending. It then measures in turn
-the stub called directly and the same request through the gateway: an open-loop run at a fixed rate
-(latency p50/p99) and a closed-loop run at fixed concurrency (throughput). It prints the figures and
-the ratios, and writes them to `.run/bench.json`.
+One run starts NATS, Postgres, the stub upstream, a bare aiohttp reverse proxy (no auth, no billing:
+`devstack.bare_proxy`) and the node's billing and two gateways as separate processes (as in
+production), funds one `sk-` key shared by every connection and 1,000 keys, and measures in turn:
+
+- latency at a fixed rate, open loop (no coordinated omission): the stub directly, the bare proxy, the
+  node with one key and with 1,000 keys; p50 / p99 and what the node adds over the bare proxy;
+- throughput at fixed concurrency, closed loop, non-streamed and streamed: the same four targets;
+- two gateways against one (1,000 keys, non-streamed);
+- billing's settlement rate: usage events drained from the stream per second by one replica;
+- the gateway's resident memory before and after 10,000 streamed calls.
+
+Every process shares this machine's cores with the load generator, so figures are noisy. It prints a
+table with the ratios and writes everything to `.run/bench.json`.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 import aiohttp
@@ -31,15 +39,17 @@ from devstack import processes
 from shared import bus, messaging
 
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi [[tokens:16]]"}], "max_tokens": 32}
+STREAM = {**BODY, "stream": True, "stream_options": {"include_usage": True}}
+KEYS = 1000
 
 
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
 async def _open_loop(session, url: str, headers: list[dict], rate: int, seconds: float) -> dict:
-    """Send at a fixed rate whatever the answers do (no coordinated omission); latency per request."""
+    """Send at a fixed rate whatever the answers do; latency per request, in ms."""
     latencies: list[float] = []
     errors = 0
     data = json.dumps(BODY).encode()
@@ -69,18 +79,22 @@ async def _open_loop(session, url: str, headers: list[dict], rate: int, seconds:
     await asyncio.gather(*tasks)
     ms = [x * 1000 for x in latencies]
     return {"sent": total, "errors": errors, "p50_ms": _percentile(ms, 0.5), "p99_ms": _percentile(ms, 0.99),
-            "mean_ms": statistics.fmean(ms)}  # fmt: skip
+            "mean_ms": statistics.fmean(ms) if ms else float("nan")}  # fmt: skip
 
 
-async def _closed_loop(session, url: str, headers: list[dict], concurrency: int, seconds: float) -> dict:
+async def _closed_loop(
+    session, urls: list[str], headers: list[dict], concurrency: int, seconds: float, body: dict, limit: int = 0
+) -> dict:
+    """`concurrency` clients, each sending its next call when the last one answered; `limit` stops early."""
     done = errors = 0
-    data = json.dumps(BODY).encode()
+    data = json.dumps(body).encode()
     deadline = time.perf_counter() + seconds
 
-    async def worker(headers: dict) -> None:
+    async def worker(i: int) -> None:
         nonlocal done, errors
-        while time.perf_counter() < deadline:
-            async with session.post(url, data=data, headers=headers) as response:
+        url, h = urls[i % len(urls)], headers[i % len(headers)]
+        while time.perf_counter() < deadline and not (limit and done + errors >= limit):
+            async with session.post(url, data=data, headers=h) as response:
                 await response.read()
                 if response.status == 200:
                     done += 1
@@ -88,7 +102,7 @@ async def _closed_loop(session, url: str, headers: list[dict], concurrency: int,
                     errors += 1
 
     start = time.perf_counter()
-    await asyncio.gather(*(worker(headers[i % len(headers)]) for i in range(concurrency)))
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
     return {"requests": done, "errors": errors, "rps": done / (time.perf_counter() - start)}
 
 
@@ -103,24 +117,71 @@ async def _fund(nats_url: str, count: int) -> list[str]:
     return keys
 
 
-async def _measure(direct: str, gateway: str, keys: list[str], rate: int, seconds: float, concurrency: int) -> dict:
-    upstream_headers = [{"Authorization": "Bearer bench", "Content-Type": "application/json"}]
-    gateway_headers = [{"Authorization": f"Bearer {key}", "Content-Type": "application/json"} for key in keys]
+def _usage(key_hash: str, price: bus.Price) -> bus.Usage:
+    return bus.Usage(
+        request_id=uuid.uuid4().hex, key_hash=key_hash, reservation_id="", model="gpt-4o-mini", prompt_tokens=10,
+        completion_tokens=16, ts=time.time(), price=price, grant_id="bench",
+    )  # fmt: skip
+
+
+async def _settle_rate(nats_url: str, keys: list[str], events: int, batch: int = 100) -> dict:
+    """Publish `events` usage events (as gateways do, `batch` per message) and time billing draining them."""
+    hashes = [hashlib.sha256(key.encode()).hexdigest() for key in keys]
+    price = bus.Price(request_msat=1000, completion_msat_per_m=1_000_000)
+    nc = await messaging.connect(nats_url, "bench")
+    js = nc.jetstream()
+    start = time.perf_counter()
+    for first in range(0, events, batch):
+        usage = tuple(_usage(hashes[(first + i) % len(hashes)], price) for i in range(min(batch, events - first)))
+        await js.publish(bus.USAGE_SUBJECT, bus.encode(bus.UsageBatch(usage)))
+    while True:
+        info = await js.consumer_info(bus.USAGE_STREAM, bus.USAGE_CONSUMER)
+        if info.num_pending + info.num_ack_pending == 0:
+            break
+        await asyncio.sleep(0.01)
+    elapsed = time.perf_counter() - start
+    await nc.drain()
+    return {"events": events, "seconds": elapsed, "events_per_s": events / elapsed}
+
+
+def _rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+async def _measure(urls: dict[str, str], keys: list[str], args, gateway_pid: int, nats_url: str) -> dict:
+    one_key = [{"Authorization": f"Bearer {keys[0]}", "Content-Type": "application/json"}]
+    many = [{"Authorization": f"Bearer {key}", "Content-Type": "application/json"} for key in keys[1:]]
+    bare = [{"Authorization": "Bearer bench", "Content-Type": "application/json"}]
+    targets = {
+        "direct": ([urls["direct"]], bare), "bare proxy": ([urls["bare"]], bare),
+        "node, one key": ([urls["gateway"]], one_key), "node, 1,000 keys": ([urls["gateway"]], many),
+    }  # fmt: skip
+    results: dict = {"latency": {}, "throughput": {}, "streamed": {}}
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
-        for url, headers in ((direct, upstream_headers), (gateway, gateway_headers)):  # warm up both paths
-            await _open_loop(session, url, headers, min(rate, 200), 1)
-        results = {
-            "direct_latency": await _open_loop(session, direct, upstream_headers, rate, seconds),
-            "gateway_latency": await _open_loop(session, gateway, gateway_headers, rate, seconds),
-            "direct_throughput": await _closed_loop(session, direct, upstream_headers, concurrency, seconds),
-            "gateway_throughput": await _closed_loop(session, gateway, gateway_headers, concurrency, seconds),
-        }
-    d, g = results["direct_latency"], results["gateway_latency"]
-    results["added_p50_ms"] = g["p50_ms"] - d["p50_ms"]
-    results["added_p99_ms"] = g["p99_ms"] - d["p99_ms"]
-    results["latency_ratio_p50"] = g["p50_ms"] / d["p50_ms"]
-    results["throughput_ratio"] = results["gateway_throughput"]["rps"] / results["direct_throughput"]["rps"]
+        for target, headers in targets.values():  # warm up every path (grants, ratings, pools)
+            await _closed_loop(session, target, headers, args.concurrency, 1, BODY)
+        for name, (target, headers) in targets.items():
+            results["latency"][name] = await _open_loop(session, target[0], headers, args.rate, args.seconds)
+        for name, (target, headers) in targets.items():
+            results["throughput"][name] = await _closed_loop(session, target, headers, args.concurrency,
+                                                             args.seconds, BODY)  # fmt: skip
+            results["streamed"][name] = await _closed_loop(session, target, headers, args.concurrency,
+                                                           args.seconds, STREAM)  # fmt: skip
+        results["two_gateways"] = await _closed_loop(
+            session, [urls["gateway"], urls["gateway2"]], many, args.concurrency, args.seconds, BODY
+        )
+        results["settlement"] = await _settle_rate(nats_url, keys, args.settle_events)
+        await _closed_loop(session, [urls["gateway"]], many, args.concurrency, 60, STREAM, limit=1000)
+        before = _rss_kb(gateway_pid)
+        streams = await _closed_loop(session, [urls["gateway"]], many, args.concurrency, 600, STREAM,
+                                     limit=args.streams)  # fmt: skip
+        after = _rss_kb(gateway_pid)
+        results["memory"] = {"streams": streams["requests"], "rss_before_kb": before, "rss_after_kb": after,
+                             "growth": after / before - 1}  # fmt: skip
     return results
 
 
@@ -136,11 +197,41 @@ def _wait_http(url: str, timeout: float = 30) -> None:
     raise RuntimeError(f"{url} not ready")
 
 
+def _report(results: dict, args) -> str:
+    lat, thr, st = results["latency"], results["throughput"], results["streamed"]
+    bare_lat, bare_thr, bare_st = lat["bare proxy"], thr["bare proxy"]["rps"], st["bare proxy"]["rps"]
+    lines = [
+        f"| | closed loop, {args.concurrency} connections | streamed | at {args.rate} req/s: p50 / p99 "
+        "| added over the bare proxy: p50 / p99 |",
+        "|---|---|---|---|---|",
+    ]
+    for name in lat:
+        t, s, la = thr[name]["rps"], st[name]["rps"], lat[name]
+        added = "" if name in ("direct", "bare proxy") else (
+            f"{la['p50_ms'] - bare_lat['p50_ms']:+.2f} / {la['p99_ms'] - bare_lat['p99_ms']:+.2f} ms")  # fmt: skip
+        ratio = "" if name in ("direct", "bare proxy") else f" ({t / bare_thr:.0%})"
+        sratio = "" if name in ("direct", "bare proxy") else f" ({s / bare_st:.0%})"
+        lines.append(f"| {name} | {t:,.0f} req/s{ratio} | {s:,.0f} req/s{sratio} | "
+                     f"{la['p50_ms']:.2f} / {la['p99_ms']:.2f} ms | {added} |")  # fmt: skip
+    two, one = results["two_gateways"]["rps"], thr["node, 1,000 keys"]["rps"]
+    memory, settle = results["memory"], results["settlement"]
+    lines += [
+        "",
+        f"two gateways: {two:,.0f} req/s against one gateway's {one:,.0f} req/s ({two / one:.2f}x)",
+        f"billing settles {settle['events_per_s']:,.0f} usage events/s (one replica, {settle['events']:,} events)",
+        f"gateway RSS over {memory['streams']:,} streams: {memory['rss_before_kb'] / 1024:.1f} MiB -> "
+        f"{memory['rss_after_kb'] / 1024:.1f} MiB ({memory['growth']:+.1%})",
+    ]
+    return "\n".join(lines)
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser(description="Gateway overhead benchmark")
+    parser = argparse.ArgumentParser(description="What the node adds over a bare reverse proxy")
     parser.add_argument("--rate", type=int, default=500, help="requests per second in the latency runs")
-    parser.add_argument("--seconds", type=float, default=10)
-    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--seconds", type=float, default=5, help="length of each latency and throughput run")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--settle-events", type=int, default=20_000, help="usage events in the settlement run")
+    parser.add_argument("--streams", type=int, default=10_000, help="streamed calls in the memory run")
     args = parser.parse_args()
     uvloop.install()  # the load generator should not be the bottleneck of either path
     work = Path(tempfile.mkdtemp(prefix="routstr-bench-"))
@@ -148,33 +239,38 @@ def main() -> int:
     postgres = processes.start_postgres(work / "postgres")
     children: list[subprocess.Popen] = []
     try:
-        upstream_port, gateway_port = processes.free_port(), processes.free_port()
+        upstream_port, bare_port = processes.free_port(), processes.free_port()
+        gateway_ports = [processes.free_port(), processes.free_port()]
+        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
         children.append(subprocess.Popen(
-            [sys.executable, "-m", "devstack.upstream", "--port", str(upstream_port), "--api-key", "bench"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [sys.executable, "-m", "devstack.upstream", "--port", str(upstream_port), "--api-key", "bench"], **quiet
+        ))  # fmt: skip
+        upstream = f"http://127.0.0.1:{upstream_port}/v1"
+        children.append(subprocess.Popen(
+            [sys.executable, "-m", "devstack.bare_proxy", "--port", str(bare_port), "--upstream", upstream], **quiet
         ))  # fmt: skip
         env = {
             **os.environ, "NATS_URL": nats.url, "DATABASE_URL": postgres.url, "HOST": "127.0.0.1",
-            "UPSTREAM_BASE_URL": f"http://127.0.0.1:{upstream_port}/v1", "UPSTREAM_API_KEY": "bench",
-            "PORT": str(gateway_port), "BILLING_PORT": str(processes.free_port()), "FIXED_PRICING": "true",
-            "CASHU_MINTS": "http://127.0.0.1:1", "RELAYS": "", "LOG_LEVEL": "WARNING",
+            "UPSTREAM_BASE_URL": upstream, "UPSTREAM_API_KEY": "bench", "FIXED_PRICING": "true",
+            "BILLING_PORT": str(processes.free_port()), "CASHU_MINTS": "http://127.0.0.1:1", "RELAYS": "",
+            "LOG_LEVEL": "WARNING", "RATE_LIMIT_PER_MINUTE": "0",
         }  # fmt: skip
-        for service in ("billing", "gateway"):
-            children.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", f"services.{service}"],
-                    env=env,
-                    stdout=subprocess.DEVNULL,
-                    stderr=(work / f"{service}.log").open("wb"),
-                )
-            )
-            _wait_http(f"http://127.0.0.1:{env['BILLING_PORT' if service == 'billing' else 'PORT']}/readyz")
-        keys = asyncio.run(_fund(nats.url, args.concurrency))
-        results = asyncio.run(_measure(
-            f"http://127.0.0.1:{upstream_port}/v1/chat/completions",
-            f"http://127.0.0.1:{gateway_port}/v1/chat/completions",
-            keys, args.rate, args.seconds, args.concurrency,
-        ))  # fmt: skip
+        services = [("billing", int(env["BILLING_PORT"]))] + [("gateway", port) for port in gateway_ports]
+        for index, (service, port) in enumerate(services):
+            children.append(subprocess.Popen(
+                [sys.executable, "-m", f"services.{service}"], env={**env, "PORT": str(port)},
+                stdout=subprocess.DEVNULL, stderr=(work / f"{service}-{index}.log").open("wb"),
+            ))  # fmt: skip
+            _wait_http(f"http://127.0.0.1:{port}/readyz")
+        gateway_pid = children[-2].pid
+        _wait_http(f"http://127.0.0.1:{bare_port}/v1/models")
+        keys = asyncio.run(_fund(nats.url, KEYS + 1))
+        urls = {
+            "direct": f"{upstream}/chat/completions", "bare": f"http://127.0.0.1:{bare_port}/v1/chat/completions",
+            "gateway": f"http://127.0.0.1:{gateway_ports[0]}/v1/chat/completions",
+            "gateway2": f"http://127.0.0.1:{gateway_ports[1]}/v1/chat/completions",
+        }  # fmt: skip
+        results = asyncio.run(_measure(urls, keys, args, gateway_pid, nats.url))
     finally:
         for child in children:
             child.terminate()
@@ -186,19 +282,7 @@ def main() -> int:
                            "cpus": os.cpu_count()}  # fmt: skip
     Path(".run").mkdir(exist_ok=True)
     Path(".run/bench.json").write_text(json.dumps(results, indent=2))
-    d, g = results["direct_latency"], results["gateway_latency"]
-    print(
-        f"latency at {args.rate} req/s  direct p50 {d['p50_ms']:.2f} ms p99 {d['p99_ms']:.2f} ms | "
-        f"gateway p50 {g['p50_ms']:.2f} ms p99 {g['p99_ms']:.2f} ms (errors {g['errors']})"
-    )
-    print(
-        f"added by the gateway: p50 {results['added_p50_ms']:.2f} ms, p99 {results['added_p99_ms']:.2f} ms "
-        f"(p50 ratio {results['latency_ratio_p50']:.2f}x)"
-    )
-    print(
-        f"throughput at concurrency {args.concurrency}: direct {results['direct_throughput']['rps']:.0f} req/s, "
-        f"gateway {results['gateway_throughput']['rps']:.0f} req/s (ratio {results['throughput_ratio']:.2f})"
-    )
+    print(_report(results, args))
     return 0
 
 

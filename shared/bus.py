@@ -37,6 +37,12 @@ WALLET_INVOICE_CHECK = "wallet.invoice.check"  # MintQuoteCheck -> MintQuoteStat
 DISCOVERY_INFO = "discovery.info"  # InfoQuery -> NodeIdentity
 DISCOVERY_PROVIDERS = "discovery.providers"  # ProvidersQuery -> Providers
 
+# Quota grants (RFC 4006 credit control): billing grants a gateway units of a key's balance, which the
+# gateway spends locally; the usage it reports settles in batches from the usage stream.
+BILLING_CREDIT_CONTROL = "billing.quota"  # CreditControl -> QuotaAnswer | Error (CCR / CCA)
+BILLING_RATE = "billing.rate"  # RateQuery -> Rating | Error (a model's price, for local rating)
+QUOTA_RECALL = "quota.recall"  # Recall, core NATS fan-out to every gateway (RFC 4006 Re-Auth-Request)
+
 # Events (core NATS): the catalog changed, so discovery republishes and gateways drop caches.
 EVENT_CATALOG_CHANGED = "events.catalog.changed"
 
@@ -113,6 +119,7 @@ class Usage(msgspec.Struct, tag="usage", frozen=True):
     status: int = 200
     ts: float = 0.0
     price: Price | None = None  # the reservation's price, echoed so billing settles in one round trip
+    grant_id: str = ""  # the quota grant the gateway charged this call to ("" for a reservation)
     # The price of the provider that answered when it is not the reservation's (failover to another route);
     # billing charges it when it is one of the model's route prices.
     route_price: Price | None = None
@@ -241,6 +248,67 @@ class InvoiceInfo(msgspec.Struct, tag="invoice_info", frozen=True):
     expires_at: int
     paid_at: int | None = None
     api_key: str | None = None  # a `create` invoice's new key, handed out once (the first paid answer)
+
+
+# ---- quota grants (RFC 4006 credit control) -------------------------------------------------
+
+
+class CreditControl(msgspec.Struct, tag="credit_control", frozen=True):
+    """A Credit-Control-Request for one grant: ask for units, give unused ones back, or end it.
+
+    `request_number` (CC-Request-Number) starts at 1 and rises with each request on the grant; a
+    repeat of a number already answered gets the same answer and moves nothing. `requested_msat`
+    (Requested-Service-Unit) is what the gateway would like, `minimum_msat` the least it can use (one
+    call's maximum cost); `returned_msat` are granted units it will not spend; `final` (a
+    TERMINATION_REQUEST) closes the grant, whose units already used settle from the usage stream.
+    """
+
+    key_hash: str
+    grant_id: str
+    gateway_id: str
+    request_number: int
+    requested_msat: int = 0
+    minimum_msat: int = 0
+    returned_msat: int = 0
+    final: bool = False
+
+
+class QuotaAnswer(msgspec.Struct, tag="quota_answer", frozen=True):
+    """A Credit-Control-Answer: `granted_msat` new units (Granted-Service-Unit) for `validity_time`
+    seconds (Validity-Time); `final_unit` (Final-Unit-Indication) when the key cannot grant more than
+    this; `balance_msat` is the key's spendable balance outside every grant after this answer."""
+
+    grant_id: str
+    granted_msat: int
+    balance_msat: int
+    validity_time: int
+    final_unit: bool = False
+    closed: bool = False  # the grant is terminated or expired: start a new one
+
+
+class RateQuery(msgspec.Struct, tag="rate_query", frozen=True):
+    model: str
+
+
+class Rating(msgspec.Struct, tag="rating", frozen=True):
+    """How billing prices `model`: its canonical upstream id, price and completion-token cap."""
+
+    model: str
+    price: Price
+    max_completion_tokens: int
+    routes: tuple[Route, ...] = ()  # as in `Reserved`: where to forward, and each route's price
+
+
+class Recall(msgspec.Struct, tag="recall", frozen=True):
+    """Every gateway holding a grant on `key_hash` gives back its unused units and ends the grant."""
+
+    key_hash: str
+
+
+class UsageBatch(msgspec.Struct, tag="usage_batch", frozen=True):
+    """Calls charged to quota grants, as one message on the usage stream: settled in one transaction."""
+
+    events: tuple[Usage, ...]
 
 
 # ---- upstream providers ------------------------------------------------------------------------
@@ -429,6 +497,7 @@ Message = (
     | Redeem | Redeemed | Issue | Issued | Pay | Paid | HoldingsQuery | Holdings
     | InfoQuery | NodeIdentity | ProvidersQuery | Providers
     | RefundQuery | PayoutAbort | PayoutOutcome
+    | CreditControl | QuotaAnswer | RateQuery | Rating | Recall | UsageBatch
     | AdminCall | AdminAnswer
     | UpstreamsQuery | Upstreams
 )  # fmt: skip

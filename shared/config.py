@@ -126,6 +126,12 @@ SETTINGS_DOC: dict[str, tuple[str, str, bool]] = {
         "Seconds between passes that finish refunds and X-Cashu change left pending by a fault",
         False,
     ),
+    "QUOTA_VALIDITY_TIME": (
+        "30",
+        "Seconds a quota grant (RFC 4006 Validity-Time) lives unless its gateway renews it; a dead gateway's grant"
+        " returns to its key after this",
+        False,
+    ),
     "USAGE_STREAM_REPLICAS": ("1", "JetStream replicas of the usage stream (3 on a 3-node NATS)", False),
     "ADMIN_PASSWORD": ("", "Secret for the admin API; admin is off when empty", True),
     "RECEIVE_LN_ADDRESS": ("", "Lightning address that operator revenue is paid out to", False),
@@ -175,6 +181,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     upstream_provider_fee: Decimal
     default_max_tokens: int
     reservation_ttl: int
+    quota_validity_time: int
     usage_stream_replicas: int
     admin_password: str
     receive_ln_address: str
@@ -287,6 +294,7 @@ def load_settings(
         upstream_provider_fee=_decimal("UPSTREAM_PROVIDER_FEE", get("UPSTREAM_PROVIDER_FEE")),
         default_max_tokens=positive("DEFAULT_MAX_TOKENS"),
         reservation_ttl=positive("RESERVATION_TTL"),
+        quota_validity_time=positive("QUOTA_VALIDITY_TIME"),
         usage_stream_replicas=positive("USAGE_STREAM_REPLICAS"),
         admin_password=get("ADMIN_PASSWORD"),
         receive_ln_address=get("RECEIVE_LN_ADDRESS").strip(),

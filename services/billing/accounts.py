@@ -19,6 +19,7 @@ from nats.aio.client import Client as NATS
 
 from services.billing.admin.usage import RequestLog
 from services.billing.catalog import Catalog
+from services.billing.grants import RECALL_WAIT, Grants
 from services.billing.ledger import Ledger, LedgerError, PendingRefund, _Repeat
 from shared import bus, pricing
 from shared.messaging import BusError, request
@@ -38,8 +39,12 @@ def payment_hash(invoice: str) -> str:
 
 
 class Accounts:
-    def __init__(self, ledger: Ledger, catalog: Catalog, nc: NATS, metrics: BillingMetrics, default_max_tokens: int):
+    def __init__(
+        self, ledger: Ledger, catalog: Catalog, nc: NATS, metrics: BillingMetrics, default_max_tokens: int,
+        grants: Grants,
+    ):  # fmt: skip
         self.ledger = ledger
+        self.grants = grants
         self.catalog = catalog
         self.nc = nc
         self.metrics = metrics
@@ -57,7 +62,7 @@ class Accounts:
                 case bus.Deposit():
                     return await self.deposit(message)
                 case bus.KeyQuery():
-                    return await self.ledger.key_info(message.key_hash)
+                    return await self.key_info(message.key_hash)
                 case bus.CreateKey():
                     return await self.ledger.grant(message.key_hash, message.balance_msat, message.idempotency_key)
                 case bus.Refund():
@@ -74,6 +79,10 @@ class Accounts:
                     return await self.create_invoice(message)
                 case bus.InvoiceQuery():
                     return await self.invoice_status(message)
+                case bus.CreditControl():
+                    return await self.grants.credit_control(message)
+                case bus.RateQuery():
+                    return self.rate(message)
         except LedgerError as exc:
             return exc.error
         return bus.Error("bad_message", f"billing does not answer {type(message).__name__}", 400)
@@ -86,16 +95,35 @@ class Accounts:
         amount = max(pricing.max_cost(p, prompt, completion) for p in (price, *(r.price for r in routes)))
         return await self.ledger.reserve(message, model, price, amount, routes)
 
+    def rate(self, message: bus.RateQuery) -> bus.Rating:
+        """How a model is priced, for a gateway rating calls against its quota grant."""
+        model, price, limit, routes = self.catalog.resolve(message.model)
+        return bus.Rating(model, price, limit, routes)
+
+    async def key_info(self, key_hash: str) -> bus.KeyInfo:
+        """A key's balance with its grants called back first (briefly), so units a gateway holds but
+        has not spent show as balance, and what it spent shows as spent."""
+        await self.grants.recall(key_hash, wait=RECALL_WAIT / 2)
+        return await self.ledger.key_info(key_hash)
+
+    async def settle_grant_usage(self, batch: bus.UsageBatch) -> None:
+        """Settle a gateway's batch of calls charged to quota grants (one transaction)."""
+        charged = await self.grants.settle(batch.events, [self._route_price(usage) for usage in batch.events])
+        if self.request_log is not None:  # each call once, as `settle` logs it
+            settled = [(usage, charged[usage.request_id]) for usage in batch.events if usage.request_id in charged]
+            await self.request_log.record_many(settled)
+        now = time.time()
+        for usage in batch.events:
+            if usage.request_id not in charged:
+                continue
+            self.metrics.settlements.labels(usage.source).inc()
+            self.metrics.charged_msat.labels(usage.model).inc(charged[usage.request_id])
+            if usage.ts:
+                self.metrics.settle_lag_seconds.observe(max(now - usage.ts, 0))
+
     async def settle(self, usage: bus.Usage) -> bus.Settled:
         """Charge at the answering provider's price when it is one of the model's routes, else the reservation's."""
-        charge = None
-        if usage.route_price is not None and usage.route_price != usage.price:
-            if usage.route_price in self.catalog.route_prices(usage.model):
-                charge = usage.route_price
-            else:
-                log.warning("usage %s names a price no route of %s has; charged at the reservation's",
-                            usage.request_id, usage.model)  # fmt: skip
-        settled = await self.ledger.settle(usage, charge)
+        settled = await self.ledger.settle(usage, self._route_price(usage))
         if self.request_log is not None:  # idempotent by request id, so a redelivered event logs once
             await self.request_log.record(usage, settled.cost_msat)
         if not settled.already:
@@ -104,6 +132,17 @@ class Accounts:
             if usage.ts:
                 self.metrics.settle_lag_seconds.observe(max(time.time() - usage.ts, 0))
         return settled
+
+    def _route_price(self, usage: bus.Usage) -> bus.Price | None:
+        """The answering provider's price when it differs from the reservation's and is one of the
+        model's routes (None: charge the reservation's price)."""
+        if usage.route_price is None or usage.route_price == usage.price:
+            return None
+        if usage.route_price in self.catalog.route_prices(usage.model):
+            return usage.route_price
+        log.warning("usage %s names a price no route of %s has; charged at the reservation's",
+                    usage.request_id, usage.model)  # fmt: skip
+        return None
 
     async def deposit(self, message: bus.Deposit) -> bus.KeyInfo:
         """Redeem through the wallet and credit once per token; a repeat gets the same answer."""
@@ -123,7 +162,16 @@ class Accounts:
 
     async def refund(self, message: bus.Refund) -> bus.Refunded:
         method = "lightning" if message.lightning_address else "cashu"
-        step = await self.ledger.begin_refund(message.key_hash, method, message.lightning_address)
+        if await self.grants.open_grants(message.key_hash):
+            # Grants out on the key: no new units while gateways give theirs back and their calls settle.
+            await self.grants.block(message.key_hash, RECALL_WAIT * 2)
+            try:
+                await self.grants.recall(message.key_hash, settled=True)
+                step = await self.ledger.begin_refund(message.key_hash, method, message.lightning_address)
+            finally:
+                await self.grants.unblock(message.key_hash)
+        else:
+            step = await self.ledger.begin_refund(message.key_hash, method, message.lightning_address)
         if isinstance(step, bus.Refunded):
             return step  # a replay of the last refund
         if step.method == "lightning" and (step.method, step.recipient) != (method, message.lightning_address):

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from services.billing.accounts import Accounts
 from services.billing.admin import Admin
 from services.billing.catalog import Catalog, load_models_file
+from services.billing.grants import Grants
 from services.billing.ledger import Ledger, LedgerError
 from services.billing.providers import ProviderStore, load_providers_file, shorthand_provider
 from shared import bus, db, messaging
@@ -34,7 +35,8 @@ PROVIDERS = web.AppKey("providers", ProviderStore)
 SUBJECTS = (
     bus.BILLING_RESERVE, bus.BILLING_SETTLE, bus.BILLING_DEPOSIT, bus.BILLING_KEY_INFO, bus.BILLING_CREATE_KEY,
     bus.BILLING_REFUND, bus.BILLING_MODELS, bus.BILLING_RECONCILE, bus.BILLING_INVOICE_CREATE,
-    bus.BILLING_INVOICE_STATUS, bus.BILLING_UPSTREAMS, bus.BILLING_REFUND_STATUS,
+    bus.BILLING_INVOICE_STATUS, bus.BILLING_UPSTREAMS, bus.BILLING_CREDIT_CONTROL, bus.BILLING_RATE,
+    bus.BILLING_REFUND_STATUS,
 )  # fmt: skip
 WAITS_ON_WALLET = {  # answered after a wallet call (a mint): bounded by the caller's bus.MINT_TIMEOUT instead
     bus.BILLING_DEPOSIT, bus.BILLING_REFUND, bus.BILLING_RECONCILE, bus.BILLING_INVOICE_CREATE,
@@ -60,7 +62,7 @@ async def consume_usage(nc: NATS, accounts: Accounts, stop: asyncio.Event) -> No
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), 1)
                 continue
-            for msg in messages:
+            for msg in await _settle_batches(accounts, messages):
                 try:
                     usage = bus.decode(msg.data)
                     if isinstance(usage, bus.Usage):
@@ -75,6 +77,38 @@ async def consume_usage(nc: NATS, accounts: Accounts, stop: asyncio.Event) -> No
     finally:
         # nats-py: drain() hangs after a timed-out fetch unless the pull subscription is gone first.
         await sub.unsubscribe()
+
+
+async def _settle_batches(accounts: Accounts, messages: list) -> list:
+    """Settle every `UsageBatch` among `messages` in one transaction, acked once it committed (one by
+    one if that fails); return the other messages."""
+    batches, others = [], []
+    for msg in messages:
+        try:
+            decoded = bus.decode(msg.data)
+        except Exception:
+            decoded = None
+        if isinstance(decoded, bus.UsageBatch):
+            batches.append((msg, decoded))
+        else:
+            others.append(msg)
+    if not batches:
+        return others
+    try:
+        await accounts.settle_grant_usage(bus.UsageBatch(tuple(e for _, batch in batches for e in batch.events)))
+    except Exception:
+        log.exception("usage batches not settled together; trying one by one")
+        for msg, batch in batches:
+            try:
+                await accounts.settle_grant_usage(batch)
+                await msg.ack()
+            except Exception:
+                log.exception("usage batch not settled; it will be redelivered")
+                await msg.nak(delay=2)
+        return others
+    for msg, _ in batches:
+        await msg.ack()
+    return others
 
 
 async def every(seconds: float, work, stop: asyncio.Event) -> None:
@@ -107,7 +141,8 @@ async def _resources(app: web.Application):
     session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
     ledger = Ledger(pool)
     catalog = Catalog(settings, pool, session, providers, os.environ)
-    accounts = Accounts(ledger, catalog, nc, metrics, settings.default_max_tokens)
+    grants = Grants(pool, nc, settings.quota_validity_time)
+    accounts = Accounts(ledger, catalog, nc, metrics, settings.default_max_tokens, grants)
     app[ACCOUNTS] = accounts
     await catalog.refresh()
     admin = Admin(pool, nc, settings, catalog)
@@ -147,6 +182,7 @@ async def _resources(app: web.Application):
         if expired:
             metrics.reservations_expired.inc(expired)
             log.warning("released %d reservations whose usage never came", expired)
+        await grants.expire()
 
     async def finish_refunds() -> None:
         # A refund pending for one pass already is retried (token) or settled (Lightning); so every refund
@@ -165,7 +201,9 @@ async def _resources(app: web.Application):
     stop = asyncio.Event()
     tasks = [
         asyncio.create_task(consume_usage(nc, accounts, stop)),
-        asyncio.create_task(every(min(SWEEP_EVERY, settings.reservation_ttl / 2), sweep, stop)),
+        asyncio.create_task(
+            every(min(SWEEP_EVERY, settings.reservation_ttl / 2, settings.quota_validity_time / 4), sweep, stop)
+        ),
         asyncio.create_task(every(GAUGES_EVERY, gauges, stop)),
         asyncio.create_task(every(CATALOG_REFRESH, refresh_catalog, stop)),
         asyncio.create_task(every(settings.pending_retry_seconds, finish_refunds, stop)),

@@ -131,7 +131,8 @@ async def _resources(app: web.Application) -> None:
         connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=300),
         auto_decompress=True,
     )
-    billing = BillingClient(nc, nc.jetstream())
+    billing = BillingClient(nc, nc.jetstream(), hold_ttl=float(settings.upstream_timeout + 60))
+    await billing.start()
     router = Router(nc, app[METRICS], settings.upstream_cooldown)
 
     async def providers_changed(msg) -> None:
@@ -144,6 +145,7 @@ async def _resources(app: web.Application) -> None:
     app[lightning.LIGHTNING] = lightning.LightningAPI(nc)
     yield
     await proxy.drain()
+    await billing.close()
     await session.close()
     await nc.drain()
 

@@ -13,19 +13,32 @@ KEY_PREFIX = 8  # hex characters of the key hash kept in the log
 MAX_HOURS = 8760  # one year, routstr-core's bound on `hours`
 
 
+_RECORD = (
+    "INSERT INTO billing.request_log (request_id, key_prefix, model, provider, prompt_tokens,"
+    " completion_tokens, cost_msat, status, source, latency_ms, attempts)"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT DO NOTHING"
+)
+
+
+def _log_row(usage: bus.Usage, cost_msat: int) -> tuple:
+    return (
+        usage.request_id, usage.key_hash[:KEY_PREFIX], usage.model, usage.provider, usage.prompt_tokens,
+        usage.completion_tokens, cost_msat, usage.status, usage.source, usage.latency_ms, usage.attempts,
+    )  # fmt: skip
+
+
 class RequestLog:
     def __init__(self, pool: asyncpg.Pool):
         self.pool = pool
 
     async def record(self, usage: bus.Usage, cost_msat: int) -> None:
         """Log a settled call once (by request id); a redelivered usage event adds nothing."""
-        await self.pool.execute(
-            "INSERT INTO billing.request_log (request_id, key_prefix, model, provider, prompt_tokens,"
-            " completion_tokens, cost_msat, status, source, latency_ms, attempts)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT DO NOTHING",
-            usage.request_id, usage.key_hash[:KEY_PREFIX], usage.model, usage.provider, usage.prompt_tokens,
-            usage.completion_tokens, cost_msat, usage.status, usage.source, usage.latency_ms, usage.attempts,
-        )  # fmt: skip
+        await self.pool.execute(_RECORD, *_log_row(usage, cost_msat))
+
+    async def record_many(self, settled: list[tuple[bus.Usage, int]]) -> None:
+        """`record` for a settled batch of (usage, cost msat), pipelined (quota grant settlement)."""
+        if settled:
+            await self.pool.executemany(_RECORD, [_log_row(usage, cost) for usage, cost in settled])
 
     async def expire(self, days: int) -> int:
         """Delete rows older than `days` (REQUEST_LOG_RETENTION_DAYS); returns how many."""

@@ -1,0 +1,287 @@
+"""Quota grants (RFC 4006 credit control): gateways spend grants of a key's balance locally, billing
+settles their usage in batches. What must hold: no overspend across gateways and billing replicas,
+a killed gateway's answered calls charged once and its grant back within the validity time, a
+refund during load returning everything not spent, a top-up usable at once, a lost grant answer
+holding money no longer than the validity time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+import signal
+import time
+import uuid
+
+import aiohttp
+import pytest
+
+from services.billing.grants import _Batch
+from services.gateway.quota import Grant
+from shared import bus, messaging
+from tests.conftest import node_env
+from tests.support.cluster import Cluster
+from tests.support.keys import funded_key, reconcile
+from tests.test_gateway import CHAT, auth, sse_events
+
+# 1 sat per call, nothing per prompt token, 1 sat per 1000 completion tokens. The stub answers exactly
+# the asked-for 10 tokens, so every call costs its maximum, 1010 msat: a key holding 100 x 1010 msat
+# affords exactly 100 calls, however the reservations and grants fall.
+# Load tests from one address: no inbound rate limit.
+PRICES = {"FIXED_PRICING": "true", "FIXED_COST_PER_REQUEST": "1", "FIXED_PER_1K_INPUT_TOKENS": "0",
+          "FIXED_PER_1K_OUTPUT_TOKENS": "1", "RATE_LIMIT_PER_MINUTE": "0"}  # fmt: skip
+CALL = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi [[tokens:10]]"}], "max_tokens": 10}
+COST = 1010
+
+
+# ---- grant arithmetic (unit) --------------------------------------------------------------------------------
+
+
+def test_a_grant_never_holds_more_than_it_was_granted():
+    grant = Grant("g", "k", granted=3000, deadline=math.inf)
+    assert grant.hold(1010, 0) and grant.hold(1010, 0)
+    assert not grant.hold(1010, 0)  # 980 left
+    assert grant.available == 980 and grant.in_flight == 2
+    assert grant.charge(1010, 700) == 700  # a call cheaper than its hold frees the rest
+    assert grant.available == 1290 and grant.used == 700
+    assert grant.hold(1010, 0)
+    assert grant.used + grant.held + grant.returned + grant.available == grant.granted
+
+
+def test_a_grant_charges_at_most_what_it_has_and_stops_at_its_deadline():
+    grant = Grant("g", "k", granted=2000, deadline=10.0, balance=5000)
+    assert grant.hold(1500, 1.0)
+    grant.returned = 500  # a recall gave back what no call held
+    assert grant.available == 0
+    assert grant.charge(1500, 4000) == 1500  # capped at the hold: never more than was granted
+    assert grant.available == 0 and grant.remaining_balance == 5000
+    grant.returned = 0
+    assert not grant.hold(1, 10.0), "a grant past its validity takes no new call"
+    grant.active = False
+    assert not grant.hold(1, 1.0), "a recalled grant takes no new call"
+
+
+def test_a_settlement_batch_takes_from_the_hold_then_the_free_balance_and_never_below_zero():
+    price = bus.Price(request_msat=1000, completion_msat_per_m=1_000_000)  # 1000 + 1 per token
+
+    def usage(request_id: str, grant_id: str, tokens: int = 10, key: str = "k") -> bus.Usage:
+        return bus.Usage(request_id, key, "", "m", 0, tokens, price=price, grant_id=grant_id)
+
+    batch = _Batch({"g": ("k", 2500), "other": ("x", 9999)}, {"k": 1500}, {"done"})
+    for event in (usage("a", "g"), usage("b", "g"), usage("a", "g"), usage("done", "g"), usage("c", "gone"),
+                  usage("d", "other"), usage("e", "g", key="unknown")):  # fmt: skip
+        batch.add(event)
+    # a, b: 1010 each from the hold (480 left); c: no grant, 1010 from the free balance (490 left);
+    # d: another key's grant is not this key's hold: 490 left; repeats and unknown keys: nothing.
+    assert batch.charged == {"a": 1010, "b": 1010, "c": 1010, "d": 490}
+    assert batch.from_held == {"g": 2020} and batch.grants["g"] == ("k", 480)
+    assert batch.free["k"] == 0 and batch.keys["k"] == [3520, 2020, 4]
+    held = sum(amount for key, debit, amount, _ in batch.ledger if key.startswith("settle:"))
+    assert held == 2020 and sum(amount for _, _, amount, _ in batch.ledger) == 3520
+    capped = batch.settlements[-1]
+    assert capped[3:7] == (490, 490, 0, 0), "a capped charge's parts shrink with it"
+    failover = _Batch({}, {"k": 10_000}, set())
+    failover.add(usage("r", "none"), bus.Price(request_msat=2000))  # the answering route's price
+    assert failover.charged == {"r": 2000}
+
+
+# ---- in-process node -------------------------------------------------------------------------------------------
+
+
+async def key_state(nats_url: str, key_hash: str) -> bus.KeyInfo:
+    nc = await messaging.connect(nats_url, "test-quota")
+    try:
+        return await messaging.request(nc, bus.BILLING_KEY_INFO, bus.KeyQuery(key_hash), bus.KeyInfo)
+    finally:
+        await nc.drain()
+
+
+async def eventually(condition, timeout: float = 30) -> None:
+    for _ in range(int(timeout / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"not reached in {timeout:g} s")
+
+
+def hash_of(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+async def test_a_lost_grant_answer_holds_money_no_longer_than_the_validity_time(make_node):
+    node = await make_node(("billing",), QUOTA_VALIDITY_TIME="2", **PRICES)
+    key = await funded_key(node.settings.nats_url, 100_000)
+    nc = await messaging.connect(node.settings.nats_url, "test-gateway")
+    try:
+        ccr = bus.CreditControl(hash_of(key), uuid.uuid4().hex, "vanished-gateway", 1, 60_000, 1010)
+        answer = await messaging.request(nc, bus.BILLING_CREDIT_CONTROL, ccr, bus.QuotaAnswer)
+        assert answer.granted_msat == 50_000 and answer.balance_msat == 50_000  # half of what is free
+        assert answer.validity_time == 2
+        repeat = await messaging.request(nc, bus.BILLING_CREDIT_CONTROL, ccr, bus.QuotaAnswer)
+        assert repeat.granted_msat == 50_000 and repeat.balance_msat == 50_000, "a repeat moves nothing"
+        # The gateway never hears the answer and never comes back: the units return by themselves.
+        granted_at = time.monotonic()
+        info = await key_state(node.settings.nats_url, hash_of(key))
+        assert info.reserved_msat == 50_000 and info.balance_msat == 50_000
+        while (info := await key_state(node.settings.nats_url, hash_of(key))).reserved_msat:
+            assert time.monotonic() - granted_at < 2 + 2, "grant still held well past its validity time"
+            await asyncio.sleep(0.1)
+        assert info.balance_msat == 100_000 and info.total_spent_msat == 0
+        late = bus.CreditControl(hash_of(key), ccr.grant_id, "vanished-gateway", 2, 10_000, 1010)
+        assert (await messaging.request(nc, bus.BILLING_CREDIT_CONTROL, late, bus.QuotaAnswer)).closed
+    finally:
+        await nc.drain()
+    result = await reconcile(node.settings.nats_url)
+    assert result.difference_msat == 0, result
+
+
+async def test_refund_during_load_returns_all_not_spent_and_a_top_up_is_usable_at_once(make_node, http, client_wallet):
+    node = await make_node(("billing", "wallet", "gateway"), **PRICES)
+    token = await client_wallet.token(300)
+    async with http.post(f"{node.url}/v1/balance/create", json={"initial_balance_token": token}) as response:
+        key = (await response.json())["api_key"]
+    statuses: list[int] = []
+    stop = asyncio.Event()
+
+    async def load() -> None:
+        while not stop.is_set():
+            async with http.post(f"{node.url}{CHAT}", json=CALL, headers=auth(key)) as response:
+                await response.read()
+                statuses.append(response.status)
+
+    workers = [asyncio.ensure_future(load()) for _ in range(8)]
+    await eventually(lambda: statuses.count(200) >= 40)
+    for _ in range(20):  # 425 + Retry-After while calls that started before it are still running
+        async with http.post(f"{node.url}/v1/balance/refund", headers=auth(key)) as response:
+            refund = await response.json()
+        if response.status != 425:
+            break
+        await asyncio.sleep(0.5)
+    assert response.status == 200, refund
+    await eventually(lambda: statuses[-1] == 402)  # the load runs on until the key is empty
+    top = await client_wallet.token(5)
+    async with http.post(f"{node.url}/v1/balance/topup", json={"cashu_token": top}, headers=auth(key)) as response:
+        assert response.status == 200, await response.text()
+    ok_before = statuses.count(200)
+    for _ in range(100):  # usable at once: the next calls pass
+        if statuses.count(200) > ok_before:
+            break
+        await asyncio.sleep(0.02)
+    stop.set()
+    await asyncio.gather(*workers)
+    assert set(statuses) <= {200, 402, 425}, set(statuses)
+    assert statuses.count(200) > ok_before, "a top-up was not usable at once"
+    assert await client_wallet.receive(refund["token"]) == int(refund["sats"])
+    info = await key_state(node.settings.nats_url, hash_of(key))
+    while info.reserved_msat:
+        await asyncio.sleep(0.05)
+        info = await key_state(node.settings.nats_url, hash_of(key))
+    assert info.total_spent_msat == info.total_requests * COST == statuses.count(200) * COST
+    assert int(refund["msats"]) + info.total_spent_msat + info.balance_msat == 305_000
+    # Everything not spent before the refund was refunded (dust below a sat aside); what is left is
+    # the top-up less the calls made after it.
+    assert info.balance_msat + (statuses.count(200) - ok_before) * COST <= 5_000 + 999
+    result = await reconcile(node.settings.nats_url)
+    assert result.difference_msat == 0 and result.covered, result
+
+
+# ---- real processes --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def cluster(nats_server, database, upstream, mint, tmp_path):
+    running = Cluster(node_env(nats_server.url, database, upstream, mint.url, **PRICES), tmp_path)
+    yield running
+    await running.stop()
+
+
+async def settled(nats_url: str, key: str, timeout: float) -> bus.KeyInfo:
+    """The key once nothing on it is held any more (grants back, calls settled), within `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while (info := await key_state(nats_url, hash_of(key))).reserved_msat:
+        assert time.monotonic() < deadline, f"still held after {timeout:g} s: {info}"
+        await asyncio.sleep(0.1)
+    return info
+
+
+async def test_a_thousand_calls_through_two_gateways_and_two_billings_run_at_most_what_the_key_affords(
+    cluster, nats_server
+):
+    procs = await cluster.start_all(
+        ("billing", "billing-a"), ("billing", "billing-b"), ("wallet", "wallet"),
+        ("gateway", "gateway-a"), ("gateway", "gateway-b"),
+    )  # fmt: skip
+    gateways = procs[3:]
+    funded = 100 * COST
+    key = await funded_key(nats_server.url, funded)
+    connector = aiohttp.TCPConnector(limit=200)
+    async with aiohttp.ClientSession(connector=connector) as http:
+
+        async def call(i: int) -> int:
+            async with http.post(f"{gateways[i % 2].url}{CHAT}", json=CALL, headers=auth(key)) as response:
+                await response.read()
+                return response.status
+
+        statuses = await asyncio.gather(*(call(i) for i in range(1000)))
+    assert set(statuses) <= {200, 402}, set(statuses)
+    ok = statuses.count(200)
+    assert 50 <= ok <= 100, ok
+    info = await settled(nats_server.url, key, 10)
+    assert info.balance_msat >= 0 and info.total_requests == ok, info
+    assert info.total_spent_msat == ok * COST and info.balance_msat + info.total_spent_msat == funded, info
+    result = await reconcile(nats_server.url)
+    assert result.difference_msat == 0 and result.covered, result
+
+
+async def test_kill_9_of_a_gateway_under_load_charges_every_answered_call_once(cluster, nats_server):
+    validity = 3
+    cluster.env["QUOTA_VALIDITY_TIME"] = str(validity)
+    _, _, doomed, survivor = await cluster.start_all(
+        ("billing", "billing"), ("wallet", "wallet"), ("gateway", "gateway-doomed"), ("gateway", "gateway-survivor")
+    )
+    funded = 1_000 * COST
+    key = await funded_key(nats_server.url, funded)
+    answered = 0
+    failed = 0
+    stop = asyncio.Event()
+    streamed = {**CALL, "stream": True, "stream_options": {"include_usage": True}}
+
+    async def load(http: aiohttp.ClientSession, i: int) -> None:
+        nonlocal answered, failed
+        body = streamed if i % 2 else CALL
+        while not stop.is_set():
+            try:
+                async with http.post(f"{doomed.url}{CHAT}", json=body, headers=auth(key)) as response:
+                    text = await response.text()
+                    whole = not body.get("stream") or sse_events(text)[-1] == "[DONE]"
+                    complete = response.status == 200 and whole
+            except (aiohttp.ClientError, IndexError):
+                complete = False
+            if complete:
+                answered += 1
+            else:
+                failed += 1
+                await asyncio.sleep(0.05)
+
+    async with aiohttp.ClientSession() as http:
+        workers = [asyncio.ensure_future(load(http, i)) for i in range(16)]
+        await eventually(lambda: answered >= 150)
+        doomed.process.send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        await asyncio.sleep(0.5)
+        stop.set()
+        await asyncio.gather(*workers)
+    # The dead gateway's grant comes back within its validity time, unrenewed (plus one sweep, a
+    # quarter of it, and the balance queries' own waits for a recall nobody answers, 1 s each).
+    info = await settled(nats_server.url, key, validity + 5)
+    assert time.monotonic() - killed_at < validity + 5
+    assert answered <= info.total_requests <= answered + 16, (answered, failed, info)
+    assert info.total_spent_msat == info.total_requests * COST, info
+    assert info.balance_msat + info.total_spent_msat == funded, info
+    # The survivor serves the key at once.
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{survivor.url}{CHAT}", json=CALL, headers=auth(key)) as response:
+            assert response.status == 200, await response.text()
+    result = await reconcile(nats_server.url)
+    assert result.difference_msat == 0 and result.covered, result
