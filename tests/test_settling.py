@@ -216,7 +216,8 @@ async def own_postgres():
     shutil.rmtree(workdir, ignore_errors=True)
 
 
-async def test_a_stopped_postgres_answers_503_with_retry_after_within_seconds(make_node, http, own_postgres):
+async def test_a_stopped_postgres_answers_503_with_retry_after_within_seconds(own_postgres, make_node, http):
+    # own_postgres first: set up before the node, so it is stopped only after the node has shut down.
     database = own_postgres.url.rsplit("/", 1)[0] + "/node"
     node = await make_node(CORE, DATABASE_URL=database, **PRICES, **FAST)
     key = await funded_key(node.settings.nats_url, 100_000)
