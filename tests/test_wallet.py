@@ -149,7 +149,7 @@ async def test_bad_tokens_are_invalid(make_node, nc, client_wallet, mint):
 
 
 async def test_foreign_mint_is_not_accepted(make_node, nc, fee_client_wallet, mint):
-    await start_wallet(make_node, nc)
+    await start_wallet(make_node, nc, CASHU_FOREIGN_MAX_SATS="0")
     token = await fee_client_wallet.token(2)
     error = await error_of(redeem(nc, token))
     assert (error.code, error.status) == ("mint_not_accepted", 400)
