@@ -3,7 +3,13 @@
 Starts NATS (JetStream) and Postgres on free ports unless NATS_URL / DATABASE_URL point at existing
 ones, a dev mint when no CASHU_MINTS and a demo upstream when neither UPSTREAM_BASE_URL nor
 PROVIDERS_PATH names a provider (each announced by a loud banner), applies migrations, starts the
-four services and waits for Ctrl-C, then stops everything it started.
+four services and supervises them (a service that dies is restarted with back-off, logged) until
+Ctrl-C, then stops everything it started.
+
+Development parts never stand beside real money: the dev mint keeps its port across runs (recorded in
+.run/mint/port) so tokens the node issued stay redeemable; the demo upstream is only sold for the dev
+mint's ecash (a real CASHU_MINTS without an upstream or providers refuses to start); and with a real
+CASHU_MINTS the embedded Postgres is durable (no fsync=off).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import asyncpg
 from cryptography.fernet import Fernet
 
 from devstack import processes
+from devstack.supervisor import Supervisor
 from shared import bus
 from shared.config import RUN_ENV, ConfigError, load_settings
 
@@ -88,6 +95,22 @@ def _without_password(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{parts.username}@{parts.hostname}:{parts.port}"))
 
 
+def _start_dev_mint(workdir: Path) -> processes.Service:
+    """The dev mint on the port it had last time (.run/mint/port), so the URL in its tokens stays valid."""
+    port_file = workdir / "port"
+    port = int(port_file.read_text()) if port_file.is_file() else None
+    for _ in range(50):  # an earlier run's mint may still be letting go of it
+        if port is None or processes.port_free(port):
+            break
+        time.sleep(0.1)
+    else:
+        raise RuntimeError(f"the dev mint's port {port} (recorded in {port_file}) is taken by another program;"
+                           " tokens this node issued name that URL: free the port, or delete the file to move")
+    mint = processes.start_mint(workdir, port=port)
+    port_file.write_text(mint.url.rsplit(":", 1)[1])
+    return mint
+
+
 def main() -> int:
     import asyncio
 
@@ -96,9 +119,13 @@ def main() -> int:
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
+    if settings.cashu_mints and not settings.upstream_base_url and not settings.providers_path:
+        print("configuration error: UPSTREAM_BASE_URL (or PROVIDERS_PATH) is required when CASHU_MINTS is set: the"
+              " demo upstream's canned answers are only sold for the dev mint's worthless ecash", file=sys.stderr)
+        return 2
     RUN_DIR.mkdir(exist_ok=True)
     started: list[processes.Service] = []
-    children: dict[str, subprocess.Popen] = {}
+    supervisor = Supervisor(out=sys.stdout)
     env = dict(os.environ)
     env.setdefault("HOST", "127.0.0.1")  # a development node listens on loopback only
     if not settings.secrets_key:
@@ -113,22 +140,21 @@ def main() -> int:
             env["NATS_URL"] = nats.url
             print(f"started NATS (JetStream, a user per service) at {nats.url}; credentials in {RUN_DIR}/nats/")
         if not settings.database_url:
-            postgres = processes.start_postgres(RUN_DIR / "postgres", with_password=True)
+            postgres = processes.start_postgres(
+                RUN_DIR / "postgres", with_password=True, durable=bool(settings.cashu_mints)
+            )
             started.append(postgres)
             env["DATABASE_URL"] = asyncio.run(_ensure_database(postgres.url, "routstr"))
             print(f"started Postgres at {_without_password(env['DATABASE_URL'])} (password in {RUN_DIR}/postgres/)")
         if not settings.cashu_mints:
-            mint = processes.start_mint(RUN_DIR / "mint")
+            mint = _start_dev_mint(RUN_DIR / "mint")
             started.append(mint)
             env["CASHU_MINTS"] = mint.url
             banner(f"no CASHU_MINTS set: a local FakeWallet mint at {mint.url} (its ecash is worthless)")
         if not settings.upstream_base_url and not settings.providers_path:
             port = processes.free_port()
-            log = (RUN_DIR / "upstream.log").open("wb")
-            children["upstream"] = subprocess.Popen(
-                [sys.executable, "-m", "devstack.upstream", "--port", str(port), "--api-key", "demo"],
-                stdout=log, stderr=subprocess.STDOUT,
-            )  # fmt: skip
+            upstream = [sys.executable, "-m", "devstack.upstream", "--port", str(port), "--api-key", "demo"]
+            supervisor.start("upstream", upstream, dict(os.environ), RUN_DIR / "upstream.log")
             env["UPSTREAM_BASE_URL"] = f"http://127.0.0.1:{port}/v1"
             env["UPSTREAM_API_KEY"] = "demo"
             env.setdefault("FIXED_PRICING", "true")
@@ -136,11 +162,8 @@ def main() -> int:
         for service in ("billing", "wallet", "discovery"):
             subprocess.run([sys.executable, "-m", f"services.{service}", "migrate"], env=env, check=True)
         for service in SERVICES:
-            log = (RUN_DIR / f"{service}.log").open("ab")
             own = {**env, "NATS_USER": service, "NATS_PASSWORD": passwords[service]} if passwords else env
-            children[service] = subprocess.Popen(
-                [sys.executable, "-m", f"services.{service}"], env=own, stdout=log, stderr=subprocess.STDOUT
-            )
+            supervisor.start(service, [sys.executable, "-m", f"services.{service}"], own, RUN_DIR / f"{service}.log")
         (RUN_DIR / "state.json").write_text(json.dumps({"mints": env["CASHU_MINTS"].split(",")}))
         # Operator commands (`python -m services.billing reconcile`, …) read this to find what was started.
         RUN_ENV.touch(mode=0o600)
@@ -150,18 +173,16 @@ def main() -> int:
         RUN_ENV.write_text("".join(f"{name}={value}\n" for name, value in shared.items()))
         gateway = f"http://127.0.0.1:{settings.port}"
         for port in (settings.billing_port, settings.wallet_port, settings.discovery_port, settings.port):
-            _wait_ready(f"http://127.0.0.1:{port}/readyz", children)  # "up" means every service answers
+            _wait_ready(f"http://127.0.0.1:{port}/readyz", supervisor.processes())  # "up": every service answers
         print(f"\nRoutstr node is up. Gateway: {gateway}  (logs in {RUN_DIR}/; Ctrl-C stops everything)")
         upstream = env.get("UPSTREAM_BASE_URL") or f"the providers in {settings.providers_path}"
         print(f"  mints: {env['CASHU_MINTS']}\n  upstream: {upstream}")
         if not settings.cashu_mints:
             print("  a dev token: .venv/bin/python -m devstack.token 100\n", flush=True)
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
-        while all(proc.poll() is None for proc in children.values()):
-            time.sleep(0.5)
-        dead = [name for name, proc in children.items() if proc.poll() is not None]
-        print(f"{', '.join(dead)} stopped; shutting the node down (see {RUN_DIR}/*.log)", file=sys.stderr)
-        return 1
+        while True:  # like an orchestrator: a service that dies is started again, with back-off
+            supervisor.tick()
+            time.sleep(0.2)
     except KeyboardInterrupt:
         print("\nstopping…")
         return 0
@@ -169,14 +190,7 @@ def main() -> int:
         print(f"make run failed: {exc}", file=sys.stderr)
         return 1
     finally:
-        for proc in reversed(children.values()):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in children.values():
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        supervisor.stop()
         for service in reversed(started):
             service.stop()
         RUN_ENV.unlink(missing_ok=True)

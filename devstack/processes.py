@@ -31,6 +31,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def port_free(port: int) -> bool:
+    """True when nothing listens on loopback `port` (connections of an earlier run in TIME_WAIT do not count,
+    as a server binding with SO_REUSEADDR, as uvicorn does, ignores them too)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 @dataclass
 class Service:
     name: str
@@ -92,11 +104,15 @@ def nats_passwords() -> dict[str, str]:
     return {role: secrets.token_urlsafe(24) for role in bus.ROLES}
 
 
-def start_nats(workdir: Path, passwords: dict[str, str], unrestricted: dict[str, str] | None = None) -> Service:
-    """nats-server with JetStream and the bus's users and permissions (`bus.nats_authorization`); ready
-    when its monitor says JetStream is up. `extra` holds each role's password; the config file is 0600."""
+def start_nats(
+    workdir: Path, passwords: dict[str, str], unrestricted: dict[str, str] | None = None, port: int | None = None
+) -> Service:
+    """nats-server with JetStream (stored under `workdir`, on `port` or a free one) and the bus's users and
+    permissions (`bus.nats_authorization`); ready when its monitor says JetStream is up. `passwords` holds each
+    role's password; the config file is 0600. Started again on the same folder and port, it carries on with
+    the same streams."""
     workdir.mkdir(parents=True, exist_ok=True)
-    port, monitor = free_port(), free_port()
+    port, monitor = port or free_port(), free_port()
     log_path = workdir / "nats.log"
     config = workdir / "nats.conf"
     config.touch(mode=0o600)
@@ -130,8 +146,11 @@ def _as_postgres_user() -> dict:
     return {"user": entry.pw_uid, "group": entry.pw_gid}
 
 
-def start_postgres(workdir: Path, with_password: bool = False) -> Service:
-    """A throwaway cluster (fsync off) owned by an unprivileged user, on loopback only.
+def start_postgres(
+    workdir: Path, with_password: bool = False, durable: bool = False, port: int | None = None
+) -> Service:
+    """A cluster owned by an unprivileged user, on loopback only: throwaway (fsync off) unless `durable`, which a
+    node taking real ecash needs (a crash must not lose a committed ledger row).
 
     Trust auth, or with `with_password` SCRAM for everyone, the superuser's password made once and
     kept in `workdir/superuser.password` (0600). A cluster made without one is refused then."""
@@ -163,16 +182,17 @@ def start_postgres(workdir: Path, with_password: bool = False) -> Service:
         auth = ["--auth=scram-sha-256", f"--pwfile={pwfile}"]
     if not (data / "PG_VERSION").exists():
         subprocess.run(
-            [str(bindir / "initdb"), "-D", str(data), "-U", "postgres", *auth, "-E", "UTF8", "--no-sync"],
+            [str(bindir / "initdb"), "-D", str(data), "-U", "postgres", *auth, "-E", "UTF8",
+             *([] if durable else ["--no-sync"])],
             check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **creds,
         )  # fmt: skip
     if with_password:
         pwfile.unlink()
-    port = free_port()
+    port = port or free_port()
+    fast = [] if durable else ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
     proc = subprocess.Popen(
         [str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-k", str(workdir),
-         "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "synchronous_commit=off",
-         "-c", "full_page_writes=off", "-c", "max_connections=300"],
+         "-c", "listen_addresses=127.0.0.1", *fast, "-c", "max_connections=300"],
         stdout=log_path.open("wb"), stderr=subprocess.STDOUT, **creds,
     )  # fmt: skip
 
@@ -188,10 +208,11 @@ def start_postgres(workdir: Path, with_password: bool = False) -> Service:
     return Service("postgres", f"postgresql://{user}@127.0.0.1:{port}/postgres", proc, log_path)
 
 
-def start_mint(workdir: Path, input_fee_ppk: int = 0) -> Service:
-    """The nutshell mint with its FakeWallet Lightning backend (invoices pay themselves)."""
+def start_mint(workdir: Path, input_fee_ppk: int = 0, port: int | None = None, **mint_env: str) -> Service:
+    """The nutshell mint with its FakeWallet Lightning backend (invoices pay themselves), on `port` (a free
+    one when None); `mint_env` adds nutshell settings (e.g. MINT_DERIVATION_PATH to rotate its keyset)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MINT_", "CASHU_", "FAKEWALLET_", "TOR"))}
     env.update(
         MINT_BACKEND_BOLT11_SAT="FakeWallet",
@@ -207,6 +228,7 @@ def start_mint(workdir: Path, input_fee_ppk: int = 0) -> Service:
         TOR="false",
         DEBUG="false",
     )
+    env.update(mint_env)
     log_path = workdir / "mint.log"
     # The mint reads `.env` from its working directory, so it gets a folder of its own.
     proc = subprocess.Popen(

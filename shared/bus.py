@@ -146,6 +146,7 @@ class Deposit(msgspec.Struct, tag="deposit", frozen=True):
     key_hash: str
     token: str
     create: bool
+    resume_only: bool = False  # credit only a token the wallet already took (see Redeem.resume_only)
 
 
 class KeyQuery(msgspec.Struct, tag="key_query", frozen=True):
@@ -349,6 +350,7 @@ class Upstreams(msgspec.Struct, tag="upstreams", frozen=True):
 
 class Redeem(msgspec.Struct, tag="redeem", frozen=True):
     token: str
+    resume_only: bool = False  # only finish a redemption already under way; never start one (`unknown_token`)
 
 
 class Redeemed(msgspec.Struct, tag="redeemed", frozen=True):
@@ -477,6 +479,27 @@ class Providers(msgspec.Struct, tag="providers", frozen=True):
     providers: tuple[Provider, ...]
 
 
+# ---- operations that end by themselves (design §2 rule 7) -------------------------------------
+
+BILLING_REFUND_STATUS = "billing.refund.status"  # RefundQuery -> Refunded | Error (the key's latest refund)
+WALLET_PAYOUT_ABORT = "wallet.payout.abort"  # PayoutAbort -> PayoutOutcome | Error
+
+
+class RefundQuery(msgspec.Struct, tag="refund_query", frozen=True):
+    key_hash: str
+
+
+class PayoutAbort(msgspec.Struct, tag="payout_abort", frozen=True):
+    """Settle a Lightning payout for good: abort it if the mint surely did not pay, else say what it did."""
+
+    idempotency_key: str
+
+
+class PayoutOutcome(msgspec.Struct, tag="payout_outcome", frozen=True):
+    state: str  # "aborted" (nothing paid; the key can never pay now), "paid" or "pending" (in flight)
+    fee_msat: int = 0  # for "paid": what the payout cost the node beyond the amount
+
+
 Message = (
     Error
     | Reserve | Reserved | Usage | Settled | Deposit | KeyQuery | CreateKey | KeyInfo | Refund | Refunded
@@ -484,6 +507,7 @@ Message = (
     | MintQuote | MintQuoteCheck | MintQuoteState
     | Redeem | Redeemed | Issue | Issued | Pay | Paid | HoldingsQuery | Holdings | PubkeyQuery | NodePubkey
     | InfoQuery | NodeIdentity | ProvidersQuery | Providers
+    | RefundQuery | PayoutAbort | PayoutOutcome
     | CreditControl | QuotaAnswer | RateQuery | Rating | Recall | UsageBatch
     | AdminCall | AdminAnswer
     | UpstreamsQuery | Upstreams

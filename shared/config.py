@@ -148,6 +148,16 @@ SETTINGS_DOC: dict[str, tuple[str, str, bool]] = {
     "UPSTREAM_PROVIDER_FEE": ("1.05", "Operator margin multiplied onto upstream USD prices", False),
     "DEFAULT_MAX_TOKENS": ("4096", "Completion tokens reserved when a request sets no max_tokens", False),
     "RESERVATION_TTL": ("900", "Seconds before an unsettled reservation is released by the sweeper", False),
+    "DEPENDENCY_TIMEOUT": (
+        "3",
+        "Seconds a Postgres query or a mint call may take before the caller gets 503 with Retry-After",
+        False,
+    ),
+    "PENDING_RETRY_SECONDS": (
+        "10",
+        "Seconds between passes that finish refunds and X-Cashu change left pending by a fault",
+        False,
+    ),
     "QUOTA_VALIDITY_TIME": (
         "30",
         "Seconds a quota grant (RFC 4006 Validity-Time) lives unless its gateway renews it; a dead gateway's grant"
@@ -245,6 +255,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     rate_limit_per_key_per_minute: int = 600
     metrics_port: int = 9090
     lnurl_allow_loopback: bool = False
+    dependency_timeout: int = 3
+    pending_retry_seconds: int = 10
 
     def replace(self, **changes: Any) -> Settings:
         return msgspec.structs.replace(self, **changes)
@@ -375,6 +387,8 @@ def load_settings(
         rate_limit_per_key_per_minute=non_negative("RATE_LIMIT_PER_KEY_PER_MINUTE"),
         metrics_port=port("METRICS_PORT"),
         lnurl_allow_loopback=_bool("LNURL_ALLOW_LOOPBACK", get("LNURL_ALLOW_LOOPBACK")),
+        dependency_timeout=positive("DEPENDENCY_TIMEOUT"),
+        pending_retry_seconds=positive("PENDING_RETRY_SECONDS"),
     )
 
 

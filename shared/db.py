@@ -25,13 +25,28 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
 
 
 async def create_pool(
-    url: str, min_size: int = 2, max_size: int = 10, reset_session: bool = True, ssl: SSLContext | None = None
+    url: str,
+    min_size: int = 2,
+    max_size: int = 10,
+    reset_session: bool = True,
+    ssl: SSLContext | None = None,
+    timeout: float = 30,
 ) -> asyncpg.Pool:
-    """A pool on `url`; `ssl` (shared.tls.database_context) replaces the URL's own sslmode when given."""
+    """A pool on `url` whose connects and statements each give up after `timeout` seconds (`DEPENDENCY_TIMEOUT`),
+    so a stopped Postgres costs a caller a bounded wait and an `unavailable` answer (`is_unavailable`), never a
+    hang; `ssl` (shared.tls.database_context) replaces the URL's own sslmode when given."""
     reset = None if reset_session else _keep_session
     extra = {"ssl": ssl} if ssl is not None else {}
     return await asyncpg.create_pool(
-        url, min_size=min_size, max_size=max_size, command_timeout=30, reset=reset, **extra
+        url, min_size=min_size, max_size=max_size, command_timeout=timeout, timeout=timeout, reset=reset, **extra
+    )
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """True when `exc` says Postgres is down, restarting, unreachable or too slow, not that a query is wrong."""
+    return isinstance(
+        exc,
+        OSError | TimeoutError | asyncpg.PostgresConnectionError | asyncpg.exceptions.OperatorInterventionError,
     )
 
 

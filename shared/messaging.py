@@ -16,13 +16,15 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
 
-from shared import bus, tls
+from shared import bus, db, tls
 from shared.config import Settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Handler = Callable[[bus.Message], Awaitable[msgspec.Struct]]
 REQUEST_TIMEOUT_READY = 5.0
+RECONNECT_GRACE = 2.0  # seconds a request waits for a lost NATS connection to come back before a 503
+PING_INTERVAL = 2.0  # seconds between client pings; two unanswered ones mark the connection lost
 
 
 class BusError(Exception):
@@ -64,6 +66,8 @@ async def connect(
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.5,
             connect_timeout=first_attempt_seconds,
+            ping_interval=PING_INTERVAL,  # a stopped server is noticed in seconds, not nats-py's 2 minutes
+            max_outstanding_pings=2,
             allow_reconnect=True,
             error_cb=on_error,
             **credentials,
@@ -94,18 +98,38 @@ class Responder:
         self.in_flight: set[asyncio.Task] = set()
         self.subscriptions: list = []
 
-    async def serve(self, subject: str, handler: Handler) -> None:
+    async def serve(self, subject: str, handler: Handler, deadline: float | None = None) -> None:
+        """Answer `subject` with `handler`. With a `deadline` (seconds), a handler still running then (a
+        stopped database: asyncpg waits for its query's cancellation) earns the caller an `unavailable`
+        503 at once and finishes in the background; every handler is idempotent, so a retry is safe."""
+        too_slow = bus.encode(bus.Error("unavailable", f"{subject}: a dependency is slow or down; retry soon", 503, 2))
+
         async def answer(msg: Msg) -> None:
+            answered = False
+
+            def answer_early() -> None:  # a timer, not a task per message: the hot path stays cheap
+                nonlocal answered
+                answered = True
+                log.warning("%s: no answer within %gs; told the caller to retry", subject, deadline)
+                self._spawn(msg.respond(too_slow))
+
+            timer = asyncio.get_running_loop().call_later(deadline, answer_early) if deadline and msg.reply else None
             try:
                 reply = await handler(bus.decode(msg.data))
             except msgspec.DecodeError as exc:
                 reply = bus.Error("bad_message", f"undecodable message on {subject}: {exc}", 400)
             except BusError as exc:
                 reply = exc.error
-            except Exception:
-                log.exception("handler for %s failed", subject)
-                reply = bus.Error("internal", f"{subject} failed", 500)
-            if msg.reply:
+            except Exception as exc:
+                if not db.is_unavailable(exc):
+                    log.exception("handler for %s failed", subject)
+                    reply = bus.Error("internal", f"{subject} failed", 500)
+                else:  # Postgres down or too slow: the caller retries, it is not a fault of the request
+                    log.warning("%s: database unavailable (%s)", subject, exc.__class__.__name__)
+                    reply = bus.Error("unavailable", "The node's database is unavailable; retry shortly", 503, 2)
+            if timer is not None:
+                timer.cancel()
+            if msg.reply and not answered:
                 await msg.respond(bus.encode(reply))
 
         async def on_message(msg: Msg) -> None:
@@ -115,6 +139,11 @@ class Responder:
 
         self.subscriptions.append(await self.nc.subscribe(subject, queue=self.queue, cb=on_message))
         self._last = subject
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self.in_flight.add(task)
+        task.add_done_callback(self.in_flight.discard)
 
     async def ready(self) -> None:
         """Return once the server routes every subject here: `flush()` can overtake queued SUBs, but a
@@ -132,13 +161,26 @@ class Responder:
 async def request(
     nc: NATS, subject: str, message: msgspec.Struct, expect: type[T], timeout: float = bus.REQUEST_TIMEOUT
 ) -> T:
-    """Send a request and return the expected reply, or raise BusError with a typed reason."""
+    """Send a request and return the expected reply, or raise BusError with a typed reason.
+
+    While the connection to NATS is down (reconnecting), wait at most RECONNECT_GRACE seconds for it to come
+    back (a NATS restart), then fail with `unavailable` (503) rather than let the request wait out its whole
+    timeout in nats-py's reconnect buffer.
+    """
+    if not nc.is_connected:
+        for _ in range(int(min(timeout, RECONNECT_GRACE) / 0.05)):
+            await asyncio.sleep(0.05)
+            if nc.is_connected:
+                break
+        else:
+            raise BusError(bus.Error("unavailable", f"the message bus is reconnecting; {subject} not asked", 503, 2))
     try:
         msg = await nc.request(subject, bus.encode(message), timeout=timeout)
     except NoRespondersError:
         raise BusError(bus.Error("unavailable", f"no service answers {subject}", 503, 1)) from None
     except NatsTimeout:
-        raise BusError(bus.Error("timeout", f"{subject} did not answer in {timeout:g}s", 504)) from None
+        # A service that does not answer is a dependency outage for the caller: 503 + Retry-After, not 504.
+        raise BusError(bus.Error("timeout", f"{subject} did not answer in {timeout:g}s", 503, 2)) from None
     reply = bus.decode(msg.data)
     if isinstance(reply, bus.Error):
         raise BusError(reply)

@@ -105,6 +105,25 @@ def nats_check(nc: NATS) -> Check:
     return lambda: nc.is_connected
 
 
+def answered_check(nc: NATS, subject: str, timeout: float = 1.0) -> Check:
+    """Ready once some service has answered on `subject` (an empty request earns a typed Error reply),
+    so a caller takes no traffic before what it depends on is up; once seen, it stays ready (a later
+    outage is answered per request with 503 + Retry-After, not by dropping out of the load balancer)."""
+    answered = False
+
+    async def check() -> bool:
+        nonlocal answered
+        if not answered and nc.is_connected:
+            try:
+                await nc.request(subject, b"", timeout=timeout)
+                answered = True
+            except Exception:  # no responders, timeout, reconnecting: not yet
+                return False
+        return answered and nc.is_connected
+
+    return check
+
+
 def pool_check(pool: asyncpg.Pool) -> Check:
     async def check() -> bool:
         async with pool.acquire(timeout=2) as conn:

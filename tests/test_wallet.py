@@ -18,7 +18,7 @@ from aiohttp import web
 from devstack import processes
 from devstack.client_wallet import ClientWallet
 from services.wallet import ecash
-from services.wallet.app import WALLET
+from services.wallet.app import MIGRATIONS, WALLET
 from shared import bus, messaging
 from shared.messaging import BusError
 from shared.secretbox import SecretBox
@@ -464,9 +464,8 @@ async def test_entry_point_migrates_and_importing_cashu_is_tame(database):
     )
     out, err = await migrate.communicate()
     assert migrate.returncode == 0, err.decode()
-    assert out.decode().strip() == (
-        "wallet: applied 3 migration(s): 001_init.sql, 002_mint_quotes.sql, 015_foreign_swaps.sql"
-    )
+    names = sorted(path.name for path in MIGRATIONS.glob("*.sql"))
+    assert out.decode().strip() == f"wallet: applied {len(names)} migration(s): {', '.join(names)}"
     probe = "import sys, services.wallet.app; print(getattr(sys, 'tracebacklimit', 'unset'))"
     child = await asyncio.create_subprocess_exec(sys.executable, "-c", probe, stdout=PIPE, stderr=PIPE)
     out, _ = await child.communicate()

@@ -67,6 +67,8 @@ class Accounts:
                     return await self.ledger.grant(message.key_hash, message.balance_msat, message.idempotency_key)
                 case bus.Refund():
                     return await self.refund(message)
+                case bus.RefundQuery():
+                    return await self.refund_status(message)
                 case bus.ModelsQuery():
                     return self.catalog.current
                 case bus.UpstreamsQuery():
@@ -150,7 +152,7 @@ class Accounts:
             return await self.ledger.answer_repeat(existing, message.key_hash)
         if not message.create and not await self.ledger.key_exists(message.key_hash):
             raise LedgerError(bus.Error("unknown_key", "Invalid API key: no such key", 401))
-        redeemed = await self._wallet(bus.WALLET_REDEEM, bus.Redeem(message.token), bus.Redeemed)
+        redeemed = await self._wallet(bus.WALLET_REDEEM, bus.Redeem(message.token, message.resume_only), bus.Redeemed)
         try:
             info = await self.ledger.credit_deposit(message.key_hash, token_hash, redeemed, message.create)
         except _Repeat as repeat:
@@ -172,7 +174,58 @@ class Accounts:
             step = await self.ledger.begin_refund(message.key_hash, method, message.lightning_address)
         if isinstance(step, bus.Refunded):
             return step  # a replay of the last refund
+        if step.method == "lightning" and (step.method, step.recipient) != (method, message.lightning_address):
+            # A Lightning refund left pending, and the client now wants a token or another address:
+            # settle the old payout for good first (paid, or aborted and back on the balance).
+            paid = await self._settle_payout(step, message.key_hash)
+            if paid is not None:
+                return paid
+            step = await self.ledger.begin_refund(message.key_hash, method, message.lightning_address)
+            if isinstance(step, bus.Refunded):
+                return step
         return await self._pay(step, message.key_hash, message.mint_url)
+
+    async def refund_status(self, message: bus.RefundQuery) -> bus.Refunded:
+        """The key's latest refund (pending, paid or failed: a failed one's amount is back on the balance)."""
+        return await self.ledger.latest_refund(message.key_hash)
+
+    async def _settle_payout(self, refund: PendingRefund, key_hash: str) -> bus.Refunded | None:
+        """End a pending Lightning refund for good: the wallet aborts the payout unless the mint paid it.
+
+        Returns the paid refund, or None once aborted (the amount is back on the key). Raises
+        `refund_in_flight` (503) while the payment is in flight or the wallet cannot tell yet.
+        """
+        abort = bus.PayoutAbort(f"refund-{refund.refund_id}")
+        try:
+            outcome = await request(self.nc, bus.WALLET_PAYOUT_ABORT, abort, bus.PayoutOutcome, bus.MINT_TIMEOUT)
+        except BusError as exc:
+            message = f"Lightning refund {refund.refund_id} not settled yet ({exc.error.code}); ask again shortly"
+            raise LedgerError(bus.Error("refund_in_flight", message, 503, 5)) from None
+        if outcome.state == "aborted":
+            await self.ledger.cancel_refund(refund, key_hash)
+            log.info("Lightning refund %s aborted; its amount is back on the balance", refund.refund_id)
+            return None
+        if outcome.state == "paid":
+            self.metrics.refunded_msat.inc(refund.amount_msat)
+            return await self.ledger.complete_refund(refund, key_hash, None, outcome.fee_msat)
+        message = f"The Lightning refund {refund.refund_id} is in flight at the mint; ask again shortly"
+        raise LedgerError(bus.Error("refund_in_flight", message, 503, 5))
+
+    async def finish_pending_refunds(self, older_than: float) -> int:
+        """The refund loop: every refund pending for over `older_than` s ends by itself. A token refund
+        (or X-Cashu change) is issued again under its idempotency key; a Lightning refund is settled
+        (paid, or aborted with its amount back on the balance). Returns how many ended."""
+        ended = 0
+        for refund, key_hash in await self.ledger.pending_refunds(older_than):
+            try:
+                if refund.method == "cashu":
+                    await self._pay(refund, key_hash)
+                else:
+                    await self._settle_payout(refund, key_hash)
+                ended += 1
+            except LedgerError as exc:
+                log.info("refund %s still pending: %s", refund.refund_id, exc.error.code)
+        return ended
 
     async def _pay(self, refund: PendingRefund, key_hash: str, mint_url: str | None = None) -> bus.Refunded:
         """Pay a pending refund out. A token comes from `mint_url` when the client named one, else from
@@ -194,11 +247,27 @@ class Accounts:
             if exc.error.code in PERMANENT_PAYOUT_ERRORS:
                 await self.ledger.cancel_refund(refund, key_hash)
                 raise LedgerError(exc.error) from None
+            if refund.method == "lightning":
+                return await self._payout_failed(refund, key_hash, exc.error)
             # Transient (mint down, timeout): the refund stays pending and a retry re-issues it.
             log.warning("refund %s pending: %s", refund.refund_id, exc.error.code)
             raise LedgerError(bus.Error("mint_unavailable", f"Refund pending: {exc.error.message}", 503, 5)) from None
         self.metrics.refunded_msat.inc(refund.amount_msat)
         return await self.ledger.complete_refund(refund, key_hash, token, fee)
+
+    async def _payout_failed(self, refund: PendingRefund, key_hash: str, error: bus.Error) -> bus.Refunded:
+        """A Lightning payout failed: unless the mint paid it after all (then that is the answer), abort it
+        and put the amount back on the balance, so the client can retry to another address or take a
+        token; raises `payout_failed` (502), or `mint_unavailable` (503) while it is still in doubt."""
+        try:
+            paid = await self._settle_payout(refund, key_hash)
+        except LedgerError:  # in doubt: it stays pending and the refund loop settles it
+            raise LedgerError(bus.Error("mint_unavailable", f"Refund pending: {error.message}", 503, 5)) from None
+        if paid is not None:
+            return paid
+        message = (f"Lightning refund failed ({error.message}); the amount is back on the balance: retry with"
+                   " another lightning_address, or with no body for a token")  # fmt: skip
+        raise LedgerError(bus.Error("payout_failed", message, 502))
 
     async def create_invoice(self, message: bus.InvoiceCreate) -> bus.InvoiceInfo:
         """A Lightning invoice from the wallet's mint; `create` makes the key it will fund now, so the

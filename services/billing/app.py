@@ -38,7 +38,12 @@ SUBJECTS = (
     bus.BILLING_RESERVE, bus.BILLING_SETTLE, bus.BILLING_DEPOSIT, bus.BILLING_KEY_INFO, bus.BILLING_CREATE_KEY,
     bus.BILLING_REFUND, bus.BILLING_MODELS, bus.BILLING_RECONCILE, bus.BILLING_INVOICE_CREATE,
     bus.BILLING_INVOICE_STATUS, bus.BILLING_UPSTREAMS, bus.BILLING_CREDIT_CONTROL, bus.BILLING_RATE,
+    bus.BILLING_REFUND_STATUS,
 )  # fmt: skip
+WAITS_ON_WALLET = {  # answered after a wallet call (a mint): bounded by the caller's bus.MINT_TIMEOUT instead
+    bus.BILLING_DEPOSIT, bus.BILLING_REFUND, bus.BILLING_RECONCILE, bus.BILLING_INVOICE_CREATE,
+    bus.BILLING_INVOICE_STATUS,
+}  # fmt: skip
 CATALOG_REFRESH = 600.0  # seconds between upstream model list / rate refreshes
 SWEEP_EVERY = 5.0
 GAUGES_EVERY = 10.0
@@ -125,7 +130,9 @@ async def _resources(app: web.Application):
     box = SecretBox.from_settings(settings)  # before connecting: a missing key fails start-up by name
     await retry_start("DATABASE_URL", lambda: db.migrate_url(settings.database_url, "billing", MIGRATIONS, db_tls))
     # Billing keeps no session state (no advisory locks, no SET), so pooled connections need no reset.
-    pool = await db.create_pool(settings.database_url, max_size=20, reset_session=False, ssl=db_tls)
+    pool = await db.create_pool(
+        settings.database_url, max_size=20, reset_session=False, ssl=db_tls, timeout=settings.dependency_timeout
+    )
     nc = await retry_start("NATS_URL", lambda: messaging.connect_service(settings, "billing"))
     await messaging.ensure_usage_stream(nc, settings.usage_stream_replicas)
     app[POOL], app[NC] = pool, nc
@@ -147,8 +154,11 @@ async def _resources(app: web.Application):
     app[ADMIN] = admin
     accounts.request_log = admin.usage
     responder = messaging.Responder(nc, "billing")
+    # Subjects answered from Postgres alone get a deadline inside the caller's bus timeout, so a stopped
+    # database answers 503 + Retry-After in about DEPENDENCY_TIMEOUT seconds, not the caller's timeout.
+    deadline = min(settings.dependency_timeout + 1, bus.REQUEST_TIMEOUT - 0.5)
     for subject in SUBJECTS:
-        await responder.serve(subject, accounts.handle)
+        await responder.serve(subject, accounts.handle, None if subject in WAITS_ON_WALLET else deadline)
     await responder.serve(bus.BILLING_ADMIN, admin.handle)
     await responder.ready()
 
@@ -178,6 +188,11 @@ async def _resources(app: web.Application):
             log.warning("released %d reservations whose usage never came", expired)
         await grants.expire()
 
+    async def finish_refunds() -> None:
+        # A refund pending for one pass already is retried (token) or settled (Lightning); so every refund
+        # and X-Cashu change ends within about 2 x PENDING_RETRY_SECONDS after the fault clears.
+        await accounts.finish_pending_refunds(older_than=settings.pending_retry_seconds)
+
     async def gauges() -> None:
         metrics.reservations_open.set(await ledger.open_reservations())
         books = await ledger.books()
@@ -198,6 +213,7 @@ async def _resources(app: web.Application):
         ),
         asyncio.create_task(every(GAUGES_EVERY, gauges, stop)),
         asyncio.create_task(every(CATALOG_REFRESH, refresh_catalog, stop)),
+        asyncio.create_task(every(settings.pending_retry_seconds, finish_refunds, stop)),
         asyncio.create_task(every(INVOICE_WATCH_EVERY, watch_invoices, stop)),
         asyncio.create_task(every(ADMIN_EVERY, housekeeping, stop)),
     ]

@@ -354,6 +354,26 @@ class Ledger:
             await _entry(conn, f"refund-cancel:{refund.refund_id}", "refund_cancel", out, user(key_hash),
                          refund.amount_msat, key_hash)  # fmt: skip
 
+    async def latest_refund(self, key_hash: str) -> bus.Refunded:
+        """The key's most recent refund, whatever its state; `no_refund` (404) when it never had one."""
+        row = await self.pool.fetchrow(
+            "SELECT * FROM billing.refunds WHERE key_hash = $1 ORDER BY created_at DESC LIMIT 1", key_hash
+        )
+        if row is None:
+            raise LedgerError(fail("no_refund", "No refund for this key", 404))
+        return _refunded(row)
+
+    async def pending_refunds(self, older_than: float, limit: int = 100) -> list[tuple[PendingRefund, str]]:
+        """Refunds pending for over `older_than` seconds, oldest first, with their key hashes."""
+        rows = await self.pool.fetch(
+            "SELECT * FROM billing.refunds WHERE state = 'pending'"
+            " AND created_at < now() - make_interval(secs => $1) ORDER BY created_at LIMIT $2",
+            float(older_than), limit,
+        )  # fmt: skip
+        return [
+            (PendingRefund(r["refund_id"], r["amount_msat"], r["method"], r["recipient"]), r["key_hash"]) for r in rows
+        ]
+
     # ---- reconcile -------------------------------------------------------------------------
 
     async def books(self) -> dict[str, int]:

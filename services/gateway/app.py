@@ -20,7 +20,7 @@ from services.gateway.routing import Router
 from shared import bus, messaging
 from shared.config import Settings
 from shared.metrics import GatewayMetrics
-from shared.service import CHECKS, NC, SETTINGS, nats_check, ops_app, retry_start, serve_metrics
+from shared.service import CHECKS, NC, SETTINGS, answered_check, nats_check, ops_app, retry_start, serve_metrics
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ PAID_PATHS = (
 ALLOW_HEADERS = "Authorization, X-Cashu, Content-Type, X-Routstr-Model, Accept, OpenAI-Beta"
 EXPOSE_HEADERS = (
     "X-Cashu, X-Cashu-Refund, X-Routstr-Request-Id, X-Routstr-Cost-Msats, X-Routstr-Input-Cost-Msats, "
-    "X-Routstr-Output-Cost-Msats, X-Routstr-Cost-Usd, Retry-After"
+    "X-Routstr-Output-Cost-Msats, X-Routstr-Cost-Usd, Retry-After, X-Routstr-Change"
 )
 
 
@@ -133,6 +133,7 @@ async def _resources(app: web.Application) -> None:
     await messaging.ensure_usage_stream(nc, settings.usage_stream_replicas)
     app[NC] = nc
     app[CHECKS]["nats"] = nats_check(nc)
+    app[CHECKS]["billing"] = answered_check(nc, bus.BILLING_KEY_INFO)  # no traffic before billing answers
     # No cap on a whole call: a stream that keeps producing is never cut. The proxy bounds the wait for
     # the answer (UPSTREAM_FIRST_BYTE_TIMEOUT) and each gap between reads (UPSTREAM_IDLE_TIMEOUT).
     timeout = aiohttp.ClientTimeout(total=None, connect=settings.upstream_connect_timeout)

@@ -118,9 +118,9 @@ class BalanceAPI:
         try:
             if cred.mode == "cashu":
                 await self.billing.ensure_account(cred)
-            refunded = await self.billing.refund(cred.key_hash, address, mint_url.rstrip("/") if mint_url else None)
+            refunded = await self._refund(cred, address, mint_url.rstrip("/") if mint_url else None)
         except BusError as exc:
-            if xcashu and exc.error.code == "unknown_key":
+            if xcashu and exc.error.code in ("unknown_key", "unknown_token"):
                 return detail_error(404, "Unknown payment token: it was never received by this node", "unknown_token")
             return from_bus(exc.error, detail=True)
         sats = refunded.amount_msat // 1000
@@ -138,6 +138,38 @@ class BalanceAPI:
         if parts:  # cut from several mints: one V3 token holding all, and each mint's part on its own
             answer["tokens"] = parts
         return web.json_response(answer, headers=headers)
+
+
+    async def _refund(self, cred: Credential, address: str | None, mint_url: str | None) -> bus.Refunded:
+        """Refund the key; for an X-Cashu payment billing has no record of (the call failed while the mint,
+        the wallet or billing was down), first finish crediting it if the wallet took the token's proofs:
+        the wallet then knows the token (`resume_only`), and a token it never took stays `unknown_token`."""
+        try:
+            return await self.billing.refund(cred.key_hash, address, mint_url)
+        except BusError as exc:
+            if cred.mode != "xcashu" or exc.error.code != "unknown_key" or cred.token is None:
+                raise
+        await self.billing.deposit(cred.key_hash, cred.token, create=True, resume_only=True)
+        return await self.billing.refund(cred.key_hash, address, mint_url)
+
+    async def refund_status(self, request: web.Request) -> web.Response:
+        """`GET …/refund`: the key's latest refund and its state, so a client can see how a refund or an
+        X-Cashu call's change ended: `pending` (it ends by itself), `paid` (the token is here, or the
+        Lightning payment went out) or `failed` (the amount is back on the balance: refund again)."""
+        try:
+            cred = credential(request, allow_xcashu=True)
+            refunded = await self.billing.refund_status(cred.key_hash)
+        except CredentialError as exc:
+            return detail_error(exc.status, exc.message, exc.code)
+        except BusError as exc:
+            return from_bus(exc.error, detail=True)
+        body = {
+            "refund_id": refunded.refund_id, "status": refunded.status, "recipient": refunded.recipient,
+            "sats": str(refunded.amount_msat // 1000), "msats": str(refunded.amount_msat),
+        }  # fmt: skip
+        if refunded.token:
+            body["token"] = refunded.token
+        return web.json_response(body)
 
 
 BALANCE = web.AppKey("balance_api", BalanceAPI)
@@ -167,3 +199,4 @@ def add_routes(app: web.Application) -> None:
         app.router.add_get(prefix, via("info"))
         app.router.add_post(f"{prefix}/topup", via("topup"))
         app.router.add_post(f"{prefix}/refund", via("refund"))
+        app.router.add_get(f"{prefix}/refund", via("refund_status"))

@@ -92,10 +92,9 @@ class BillingClient:
                 self.quota.end(hold.grant, hold.amount, None)
                 log.warning("a call held on a grant never ended; its hold is released")
 
-    async def deposit(self, key_hash: str, token: str, create: bool) -> bus.KeyInfo:
-        info = await request(
-            self.nc, bus.BILLING_DEPOSIT, bus.Deposit(key_hash, token, create), bus.KeyInfo, bus.MINT_TIMEOUT
-        )
+    async def deposit(self, key_hash: str, token: str, create: bool, resume_only: bool = False) -> bus.KeyInfo:
+        message = bus.Deposit(key_hash, token, create, resume_only)
+        info = await request(self.nc, bus.BILLING_DEPOSIT, message, bus.KeyInfo, bus.MINT_TIMEOUT)
         self._remember(sha256_hex(token))
         return info
 
@@ -212,3 +211,8 @@ class BillingClient:
             self.nc, bus.BILLING_REFUND, bus.Refund(key_hash, lightning_address, mint_url), bus.Refunded,
             bus.MINT_TIMEOUT,
         )
+
+
+    async def refund_status(self, key_hash: str) -> bus.Refunded:
+        """The key's latest refund: pending, paid, or failed (its amount back on the balance)."""
+        return await request(self.nc, bus.BILLING_REFUND_STATUS, bus.RefundQuery(key_hash), bus.Refunded)

@@ -46,6 +46,10 @@ _DROP_REQUEST = {
     "transfer-encoding", "te", "upgrade", "proxy-authorization", "accept-encoding", "x-routstr-model",
     "x-api-key",
 }  # fmt: skip
+# Change that could not be cut with this response (billing, wallet or mint hiccup): it is completed by
+# billing's refund loop or stays on the payment's balance; either way POST /v1/balance/refund with the
+# same X-Cashu header collects it (425/503 + Retry-After until ready) and GET shows its state.
+CHANGE_PENDING = {"X-Routstr-Change": "pending"}
 _KEEP_RESPONSE = {"content-type", "openai-processing-ms", "openai-version", "x-request-id"}
 # An upstream's "slow down" answer (429/503) keeps what tells an SDK when to retry.
 _RETRY_HEADERS = ("retry-after", "retry-after-ms")
@@ -593,9 +597,10 @@ class Proxy:
         try:
             refunded = await self.billing.refund(cred.key_hash)
         except BusError as exc:
-            if exc.error.code not in ("no_balance", "balance_too_small", "unknown_key"):
-                log.warning("change for an X-Cashu call not issued yet: %s", exc.error.code)
-            return {}
+            if exc.error.code in ("no_balance", "balance_too_small", "unknown_key"):
+                return {}
+            log.warning("change for an X-Cashu call not issued yet: %s", exc.error.code)
+            return CHANGE_PENDING
         return {"X-Cashu": refunded.token} if refunded.token else {}
 
     async def drain(self) -> None:

@@ -29,7 +29,7 @@ from shared.service import CHECKS, NC, POOL, REGISTRY, SETTINGS, nats_check, ops
 log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-MINT_CALL_TIMEOUT = 20.0  # one mint call; below bus.MINT_TIMEOUT so a caller hears why, not a timeout
+MELT_TIMEOUT = 20.0  # a melt waits on a Lightning payment; below bus.MINT_TIMEOUT so a caller hears why
 QUEUE = "wallet"
 SWEEP_INTERVAL = 30.0  # seconds between looks for stale pending issues
 STALE_AFTER = 120.0  # an operation pending this long lost its caller (bus.MINT_TIMEOUT is 30 s)
@@ -49,14 +49,17 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     metrics = WalletMetrics(app[REGISTRY])
     async with contextlib.AsyncExitStack() as stack:
         db_tls = tls.database_context(settings)
-        pool = await retry_start("postgres", lambda: db.create_pool(settings.database_url, max_size=20, ssl=db_tls))
+        pool = await retry_start(
+            "postgres",
+            lambda: db.create_pool(settings.database_url, max_size=20, ssl=db_tls, timeout=settings.dependency_timeout),
+        )
         stack.push_async_callback(pool.close)
         async with pool.acquire() as conn:
             await db.migrate(conn, "wallet", MIGRATIONS)
             secrets = Secrets(await storage.load_seed(conn, box))
         session = aiohttp.ClientSession()
         stack.push_async_callback(session.close)
-        mints = Mints(session, metrics, MINT_CALL_TIMEOUT)
+        mints = Mints(session, metrics, settings.dependency_timeout, MELT_TIMEOUT)
         payees = lnurl.LnurlClient(allow_loopback=settings.lnurl_allow_loopback)
         wallet = NodeWallet(pool, mints, secrets, settings.cashu_mints, metrics, payees, box)
         wallet.locks = Locks(node_key(secrets.derivation))
@@ -75,7 +78,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         app[CHECKS]["nats"] = nats_check(nc)
         app[CHECKS]["postgres"] = pool_check(pool)
         yield
-        await responder.close(timeout=MINT_CALL_TIMEOUT + 5)
+        await responder.close(timeout=MELT_TIMEOUT + 5)
 
 
 async def _sweep(wallet: NodeWallet) -> None:
@@ -86,6 +89,7 @@ async def _sweep(wallet: NodeWallet) -> None:
         try:
             await wallet.resolve_stale_issues(older_than=STALE_AFTER)
             await wallet.resolve_stale_payouts(older_than=STALE_AFTER)
+            await wallet.resolve_stale_redemptions(older_than=STALE_AFTER)
             if wallet.foreign is not None:
                 await wallet.foreign.resolve_stale(older_than=STALE_AFTER)
         except Exception:
@@ -108,13 +112,14 @@ def _handlers(wallet: NodeWallet) -> dict[str, Callable[[bus.Message], Awaitable
         return handle
 
     return {
-        bus.WALLET_REDEEM: expect(bus.Redeem, lambda m: wallet.redeem(m.token)),
+        bus.WALLET_REDEEM: expect(bus.Redeem, lambda m: wallet.redeem(m.token, m.resume_only)),
         bus.WALLET_ISSUE: expect(bus.Issue, lambda m: wallet.issue(m.amount_msat, m.idempotency_key, m.mint_url)),
         bus.WALLET_HOLDINGS: expect(bus.HoldingsQuery, lambda m: wallet.holdings()),
         bus.WALLET_INVOICE: expect(bus.MintQuote, lambda m: wallet.invoice(m.amount_msat)),
         bus.WALLET_INVOICE_CHECK: expect(bus.MintQuoteCheck, lambda m: wallet.check_invoice(m.quote_id)),
         bus.WALLET_PUBKEY: expect(bus.PubkeyQuery, lambda m: _pubkey(wallet)),
         bus.WALLET_PAY: expect(bus.Pay, lambda m: wallet.pay(m.amount_msat, m.idempotency_key, m.lightning_address)),
+        bus.WALLET_PAYOUT_ABORT: expect(bus.PayoutAbort, lambda m: wallet.abort_payout(m.idempotency_key)),
     }
 
 

@@ -28,6 +28,8 @@ KEYSETS_TTL = 300.0  # seconds before the keyset list (active flags, fees) is fe
 PROOFS_SPENT = 11001
 PROOFS_PENDING = 11002
 OUTPUTS_SIGNED = 11003
+KEYSET_UNKNOWN = 12001
+KEYSET_INACTIVE = 12002
 
 
 class MintUnavailable(Exception):
@@ -50,11 +52,14 @@ class MintError(Exception):
 class MintClient:
     """One mint: its keysets (cached) and the calls the wallet makes, each counted in metrics."""
 
-    def __init__(self, url: str, session: aiohttp.ClientSession, metrics: WalletMetrics, timeout: float):
+    def __init__(
+        self, url: str, session: aiohttp.ClientSession, metrics: WalletMetrics, timeout: float, melt_timeout: float
+    ):
         self.url = url
         self._session = session
         self._metrics = metrics
         self._timeout = aiohttp.ClientTimeout(total=timeout, connect=min(timeout, 5.0))
+        self._melt_timeout = aiohttp.ClientTimeout(total=max(timeout, melt_timeout), connect=min(timeout, 5.0))
         self._keysets: dict[str, Keyset] = {}
         self._keys: dict[str, dict[int, PublicKey]] = {}
         self._loaded_at = 0.0
@@ -63,8 +68,9 @@ class MintClient:
     async def _call(self, operation: str, method: str, path: str, body: Any = None) -> Any:
         started = time.perf_counter()
         outcome = "error"
+        timeout = self._melt_timeout if operation == "melt" else self._timeout
         try:
-            async with self._session.request(method, f"{self.url}/v1/{path}", json=body, timeout=self._timeout) as resp:
+            async with self._session.request(method, f"{self.url}/v1/{path}", json=body, timeout=timeout) as resp:
                 self._metrics.mint_up.labels(self.url).set(1)
                 try:
                     data = await resp.json(content_type=None)
@@ -188,14 +194,17 @@ def _parse_keys(keys: dict[str, str]) -> dict[int, PublicKey]:
 class Mints:
     """A MintClient per mint URL, made on first use and kept (clients and keysets are reused)."""
 
-    def __init__(self, session: aiohttp.ClientSession, metrics: WalletMetrics, timeout: float):
+    def __init__(self, session: aiohttp.ClientSession, metrics: WalletMetrics, timeout: float, melt_timeout: float):
+        """`timeout`: seconds for one mint call (DEPENDENCY_TIMEOUT); `melt_timeout` for a melt, which waits
+        on a Lightning payment."""
         self._session = session
         self._metrics = metrics
         self._timeout = timeout
+        self._melt_timeout = melt_timeout
         self._clients: dict[str, MintClient] = {}
 
     def get(self, url: str) -> MintClient:
         url = url.rstrip("/")
         if url not in self._clients:
-            self._clients[url] = MintClient(url, self._session, self._metrics, self._timeout)
+            self._clients[url] = MintClient(url, self._session, self._metrics, self._timeout, self._melt_timeout)
         return self._clients[url]

@@ -25,6 +25,8 @@ from services.wallet.ecash import BlindedSignature, Keyset, Output, Proof
 from services.wallet.foreign import ForeignSwaps
 from services.wallet.locks import Locks
 from services.wallet.mints import (
+    KEYSET_INACTIVE,
+    KEYSET_UNKNOWN,
     OUTPUTS_SIGNED,
     PROOFS_PENDING,
     PROOFS_SPENT,
@@ -47,6 +49,17 @@ def _fail(code: str, message: str, status: int, retry_after: int | None = None) 
 
 def _unavailable(exc: MintUnavailable) -> BusError:
     return _fail("mint_unavailable", f"mint unavailable: {exc}", 503, 5)
+
+
+class _KeysetRotated(Exception):
+    """The mint refused our outputs' keyset (rotated since we cached it); nothing was spent, keysets are fresh."""
+
+
+def _keyset_refused(exc: MintError) -> bool:
+    """NUT error 12001/12002 (keyset unknown/inactive), or nutshell's generic 11000 naming the keyset."""
+    return exc.code in (KEYSET_UNKNOWN, KEYSET_INACTIVE) or (
+        exc.code in (None, 11000) and "keyset" in exc.detail.lower()
+    )
 
 
 class _NotEnough(Exception):
@@ -111,7 +124,20 @@ class NodeWallet:
 
     # ---- redeem --------------------------------------------------------------------------------
 
-    async def redeem(self, raw: str) -> bus.Redeemed:
+    async def redeem(self, raw: str, resume_only: bool = False) -> bus.Redeemed:
+        """Swap a token's proofs for the node's own, once per token. With `resume_only`, only a token this
+        wallet already took (a plan committed before an interrupted swap, or a finished redemption) is
+        carried through; any other is refused as `unknown_token` (404) and left untouched. A mint that
+        rotated its keyset since we cached it gets one more try on its new keyset."""
+        try:
+            return await self._redeem(raw, resume_only)
+        except _KeysetRotated:
+            try:
+                return await self._redeem(raw, resume_only)
+            except _KeysetRotated as exc:
+                raise _fail("mint_error", f"the mint refused our outputs: {exc}", 502) from None
+
+    async def _redeem(self, raw: str, resume_only: bool) -> bus.Redeemed:
         try:
             token = ecash.parse_token(raw)
         except ecash.TokenError as exc:
@@ -128,6 +154,8 @@ class NodeWallet:
             row = await storage.get_redemption(conn, token_hash)
             if row is not None and row["state"] == "done":
                 return _redeemed(row, already=True)
+            if row is None and resume_only:
+                raise _fail("unknown_token", "Unknown payment token: it was never received by this node", 404)
             client = self._mints.get(token.mint_url)
             keysets = await self._keysets_for(client, token.proofs)
             await self.unlock(client, token.proofs)
@@ -142,6 +170,10 @@ class NodeWallet:
                     await storage.drop_redemption(conn, token_hash)
                 raise _unavailable(exc) from None
             except MintError as exc:
+                if _keyset_refused(exc):  # the inputs passed (not spent), our outputs' keyset did not
+                    await storage.drop_redemption(conn, token_hash)
+                    await self._refresh_keysets(client)
+                    raise _KeysetRotated(exc.detail) from None
                 signatures = None
                 if not fresh and exc.code in (PROOFS_SPENT, OUTPUTS_SIGNED):
                     signatures = await self._restore(client, outputs)  # an earlier attempt went through
@@ -238,7 +270,27 @@ class NodeWallet:
     async def issue(self, amount_msat: int, key: str, mint_url: str | None, split_ok: bool = True) -> bus.Issued:
         """A token of floor(`amount_msat`/1000) sat, idempotent by `key`: from `mint_url` when it holds
         enough, else from any mint that does, else (`split_ok`) one part per mint in one V3 token
-        (`split.py`). Raises BusError `insufficient_funds` (503) when the mints together hold too little."""
+        (`split.py`). Raises BusError `insufficient_funds` (503) when the mints together hold too little.
+        A mint that rotated its keyset since we cached it gets one more try."""
+        try:
+            return await self._issue(amount_msat, key, mint_url, split_ok)
+        except _KeysetRotated:
+            try:
+                return await self._issue(amount_msat, key, mint_url, split_ok)
+            except _KeysetRotated as exc:
+                raise _fail("mint_error", f"the mint refused the swap: {exc}", 502) from None
+
+    async def _refresh_keysets(self, client: MintClient) -> None:
+        """Re-read a mint's keysets after it refused our outputs' keyset (rotated, NUT-02)."""
+        log.warning("%s refused our outputs' keyset; refreshing its keysets", client.url)
+        try:
+            await client.keysets(refresh=True)
+        except MintUnavailable as exc:
+            raise _unavailable(exc) from None
+        except MintError as exc:
+            raise _fail("mint_error", f"the mint's keysets could not be read: {exc.detail}", 502) from None
+
+    async def _issue(self, amount_msat: int, key: str, mint_url: str | None, split_ok: bool = True) -> bus.Issued:
         sats = _whole_sats(amount_msat, key)
         async with self._exclusive(storage.issue_op(key)) as conn:
             row = await storage.get_issue(conn, key)
@@ -332,6 +384,9 @@ class NodeWallet:
             signatures = await self._restore(client, outputs) if exc.code in (PROOFS_SPENT, OUTPUTS_SIGNED) else None
             if signatures is None:
                 await self._abandon_issue(conn, row, inputs, client)
+                if _keyset_refused(exc):
+                    await self._refresh_keysets(client)
+                    raise _KeysetRotated(exc.detail) from None
                 raise _fail("mint_error", f"the mint refused the swap: {exc.detail}", 502) from None
         return await self._finish_issue(conn, row, inputs, outputs, signatures, client)
 
@@ -424,6 +479,8 @@ class NodeWallet:
             row = await storage.get_payout(conn, key)
             if row is not None and row["state"] == "paid":
                 return _paid(row)
+            if row is None and await storage.payout_aborted(conn, key):
+                raise _fail("payout_aborted", "this payout was aborted and will not be made", 409)
             fresh = row is None
             if fresh:
                 row = await self._plan_payout(conn, key, sats, address)
@@ -538,6 +595,39 @@ class NodeWallet:
             return bus.Paid(row["amount_sat"] * 1000, 0, "pending")
         return None
 
+    async def abort_payout(self, key: str) -> bus.PayoutOutcome:
+        """Settle the payout `key` for good, so its caller can give the money back or record it paid.
+
+        Under the payout's lock (so no `pay` of it is in flight): never planned, or planned but the melt
+        surely did not pay (the quote is not paid and every input is still unspent, NUT-05/NUT-07) ->
+        "aborted", and `pay` refuses the key from now on; paid -> "paid"; in flight at the mint -> "pending".
+        Raises `mint_unavailable` when the mint cannot tell.
+        """
+        async with self._exclusive(storage.payout_op(key)) as conn:
+            row = await storage.get_payout(conn, key)
+            if row is not None and row["state"] == "pending":
+                client = self._mints.get(row["mint_url"])
+                outcome = await self._melt_outcome(conn, row, client)
+                if outcome is None:
+                    inputs = await storage.pending_inputs(conn, storage.payout_op(key))
+                    states = await self._states(client, inputs)
+                    if any(states.get(p.Y) != "UNSPENT" for p in inputs):
+                        return bus.PayoutOutcome("pending")
+                    async with conn.transaction():
+                        await storage.drop_payout(conn, key)
+                        await storage.abort_payout(conn, key)
+                        await self._update_gauges(conn)
+                    return bus.PayoutOutcome("aborted")
+                if outcome.status == "pending":
+                    return bus.PayoutOutcome("pending")
+                row = await storage.get_payout(conn, key)
+            if row is not None:
+                return bus.PayoutOutcome("paid", _paid(row).fee_msat)
+            async with conn.transaction():
+                await storage.drop_payout(conn, key)  # an input cut left without a plan goes back too
+                await storage.abort_payout(conn, key)
+            return bus.PayoutOutcome("aborted")
+
     async def resolve_stale_payouts(self, older_than: float) -> int:
         """Settle payouts whose melt outcome was left unknown: a paid one is finished (its change
         kept), an unpaid one whose inputs are untouched is undone; one still in flight waits."""
@@ -558,12 +648,36 @@ class NodeWallet:
 
         return await self._resolve_stale("payouts", storage.payout_op, storage.get_payout, settle, older_than)
 
+    async def resolve_stale_redemptions(self, older_than: float) -> int:
+        """Finish redemptions left mid-swap (the mint's answer lost, the caller gone): when the mint signed
+        our planned outputs (NUT-09 restore), store the proofs and mark the redemption done, so the ecash is
+        the wallet's and a client coming back with the token (`POST /v1/balance/refund` with X-Cashu) is
+        credited and refunded at once. A plan the mint never executed stays: the token is still the client's."""
+
+        async def finish(conn: asyncpg.Connection, row: asyncpg.Record) -> bool:
+            client = self._mints.get(row["mint_url"])
+            outputs = await self._secrets.outputs(row["keyset_id"], row["counter"], row["amounts"])
+            signatures = await self._restore(client, outputs)
+            if signatures is None:
+                return False
+            proofs = ecash.unblind(outputs, signatures, await self._keys(client, row["keyset_id"]))
+            async with conn.transaction():
+                await storage.store_proofs(conn, client.url, proofs, storage.redeem_op(row["token_hash"]))
+                await storage.finish_redemption(conn, row["token_hash"])
+                await self._update_gauges(conn)
+            log.info("finished a redemption left mid-swap at %s", client.url)
+            return True
+
+        return await self._resolve_stale(
+            "redemptions", storage.redeem_op, storage.get_redemption, finish, older_than, key_column="token_hash"
+        )
+
     async def _resolve_stale(self, table: str, op: Callable[[str], str], get: Callable, resolve: Callable,
-                             older_than: float) -> int:  # fmt: skip
+                             older_than: float, key_column: str = "idempotency_key") -> int:  # fmt: skip
         """Run `resolve` under its operation lock on each `table` row pending for over `older_than` s."""
         async with self._pool.acquire() as conn:
             keys = await conn.fetch(
-                f"SELECT idempotency_key FROM wallet.{table}"
+                f"SELECT {key_column} FROM wallet.{table}"
                 " WHERE state = 'pending' AND created_at < now() - make_interval(secs => $1)",
                 older_than,
             )

@@ -265,3 +265,12 @@ async def finish_mint(conn: asyncpg.Connection, quote_id: str) -> asyncpg.Record
     return await conn.fetchrow(
         "UPDATE wallet.mint_quotes SET state = 'issued', done_at = now() WHERE quote_id = $1 RETURNING *", quote_id
     )
+
+
+async def payout_aborted(conn: asyncpg.Connection, key: str) -> bool:
+    return bool(await conn.fetchval("SELECT 1 FROM wallet.payout_aborts WHERE idempotency_key = $1", key))
+
+
+async def abort_payout(conn: asyncpg.Connection, key: str) -> None:
+    """Mark the payout `key` as never to be paid (its plan, if any, must be dropped in the same transaction)."""
+    await conn.execute("INSERT INTO wallet.payout_aborts (idempotency_key) VALUES ($1) ON CONFLICT DO NOTHING", key)

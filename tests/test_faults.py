@@ -1,0 +1,328 @@
+"""Fault injection with real processes under mixed paid load: kill -9 of each service, NATS and Postgres
+paused (SIGSTOP/SIGCONT) and killed and restarted, the mint paused and killed. The load mixes `sk-` keys
+and X-Cashu payments, streamed and not. After each fault, once it is cleared: `reconcile` is 0, no
+reservation is left open, no refund is left pending, and every X-Cashu token sent is accounted for to
+the msat: what was charged + the change returned or collected (+ sub-sat dust left on its key) = its
+value, or the node never took it and it is still the client's (unspent at the mint).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import shutil
+import signal
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import pytest
+
+from devstack import processes
+from devstack.client_wallet import ClientWallet
+from shared import bus, messaging
+from tests.conftest import node_env
+from tests.support.cluster import Cluster, Proc, wait_ready
+from tests.support.faults import signal_tree
+from tests.support.keys import funded_key, reconcile
+from tests.test_gateway import CHAT, auth
+
+PRICES = {"FIXED_PRICING": "true", "FIXED_COST_PER_REQUEST": "1", "FIXED_PER_1K_INPUT_TOKENS": "1",
+          "FIXED_PER_1K_OUTPUT_TOKENS": "1"}  # fmt: skip
+# Pending refunds retried every second; reservations of calls whose gateway died released after 5 s.
+FAST = {"PENDING_RETRY_SECONDS": "1", "DEPENDENCY_TIMEOUT": "2", "RESERVATION_TTL": "5", "LOG_LEVEL": "INFO"}
+TOKEN_SATS = 20
+SETTLE_WITHIN = 40.0  # seconds after a fault clears for every operation to end by itself
+
+
+def chat(stream: bool) -> dict:
+    content = "[[tokens:8]] [[slow:1]]" if stream else "hello [[tokens:3]]"
+    return {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": content}], "max_tokens": 20,
+            "stream": stream}  # fmt: skip
+
+
+@dataclass
+class Node:
+    """A node of real processes; `nats` and `postgres` are set when the test owns them (to stop them)."""
+
+    cluster: Cluster
+    nats_url: str
+    database_url: str
+    mint_url: str
+    procs: dict[str, Proc] = field(default_factory=dict)
+
+    @property
+    def gateway(self) -> str:
+        return self.procs["gateway"].url
+
+    async def restart(self, service: str) -> None:
+        """Start `service` again on its old port (as a supervisor would), once it is dead."""
+        old = self.procs[service]
+        port = old.url.rsplit(":", 1)[1]
+        var = {"gateway": "PORT", "billing": "BILLING_PORT", "wallet": "WALLET_PORT"}[service]
+        self.procs[service] = await self.cluster.start(service, f"{service}-{time.monotonic_ns()}", **{var: port})
+
+
+async def start_node(tmp_path: Path, nats_url: str, database_url: str, mint_url: str, upstream: str) -> Node:
+    cluster = Cluster(node_env(nats_url, database_url, upstream, mint_url, **PRICES, **FAST), tmp_path)
+    node = Node(cluster, nats_url, database_url, mint_url)
+    procs = await cluster.start_all(("billing", "billing"), ("wallet", "wallet"), ("gateway", "gateway"))
+    node.procs = dict(zip(("billing", "wallet", "gateway"), procs, strict=True))
+    return node
+
+
+@dataclass
+class Load:
+    """Mixed paid calls from four workers until stopped: sk- and X-Cashu, streamed and not."""
+
+    node: Node
+    key: str
+    tokens: list[str]
+    statuses: Counter = field(default_factory=Counter)
+    sent: dict[str, list[str]] = field(default_factory=dict)  # X-Cashu token -> change tokens received
+
+    async def run(self, stop: asyncio.Event) -> None:
+        timeout = aiohttp.ClientTimeout(total=25)
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            await asyncio.gather(*(self._worker(http, stop, i) for i in range(4)))
+
+    async def _worker(self, http: aiohttp.ClientSession, stop: asyncio.Event, worker: int) -> None:
+        for n in itertools.count(worker):
+            if stop.is_set():
+                return
+            stream = n % 2 == 1
+            xcashu = n % 4 >= 2 and self.tokens
+            headers = {"X-Cashu": self.tokens.pop()} if xcashu else auth(self.key)
+            if xcashu:
+                self.sent[headers["X-Cashu"]] = []
+            try:
+                async with http.post(f"{self.node.gateway}{CHAT}", json=chat(stream), headers=headers) as response:
+                    await response.read()
+                    status = response.status
+                    if status == 503 and "Retry-After" not in response.headers:
+                        status = "503 without Retry-After"
+                    if xcashu and "X-Cashu" in response.headers:
+                        self.sent[headers["X-Cashu"]].append(response.headers["X-Cashu"])
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                status = exc.__class__.__name__
+            self.statuses[status] += 1
+            await asyncio.sleep(0.05)
+
+
+async def under_load(node: Node, payer: ClientWallet, fault) -> Load:
+    """Run the load, inject `fault` (an async callable) once the load is going, then stop the load."""
+    key = await funded_key(node.nats_url, 5_000_000)
+    tokens = [await payer.token(TOKEN_SATS) for _ in range(10)]
+    load = Load(node, key, tokens)
+    stop = asyncio.Event()
+    running = asyncio.ensure_future(load.run(stop))
+    await asyncio.sleep(1.5)
+    await fault()
+    await asyncio.sleep(1.5)  # load on the healed node
+    stop.set()
+    await running
+    assert load.statuses[200] > 0, load.statuses
+    # Load held: a call succeeds, or is refused with 503 + Retry-After, or (its gateway killed) cut off.
+    assert set(load.statuses) <= {200, 503, "ClientConnectorError", "ClientPayloadError", "ServerDisconnectedError"}, (
+        load.statuses
+    )
+    print(f"\n{getattr(fault, '__name__', fault)}: calls {dict(load.statuses)}, X-Cashu tokens {len(load.sent)}")
+    return load
+
+
+async def key_info(nc, token: str) -> bus.KeyInfo | None:
+    key = "sk-" + hashlib.sha256(token.encode()).hexdigest()
+    try:
+        return await messaging.request(nc, bus.BILLING_KEY_INFO, bus.KeyQuery(hashlib.sha256(key.encode()).hexdigest()),
+                                       bus.KeyInfo)  # fmt: skip
+    except messaging.BusError as exc:
+        assert exc.error.code == "unknown_key", exc.error
+        return None
+
+
+async def collect(http: aiohttp.ClientSession, node: Node, token: str) -> tuple[int, str | None]:
+    """POST /v1/balance/refund with the payment token until it ends: (status, change token or None)."""
+    deadline = time.monotonic() + SETTLE_WITHIN
+    while True:
+        async with http.post(f"{node.gateway}/v1/balance/refund", headers={"X-Cashu": token}) as response:
+            body = await response.json()
+            if response.status == 200:
+                return 200, response.headers["X-Cashu"]
+            if response.status in (400, 404):
+                return response.status, None
+        assert time.monotonic() < deadline, (response.status, body)
+        await asyncio.sleep(0.5)
+
+
+def token_sats(token: str) -> int:
+    from cashu.wallet.helpers import deserialize_token_from_string
+
+    return sum(p.amount for p in deserialize_token_from_string(token).proofs)
+
+
+async def assert_nothing_stuck(node: Node, load: Load, payer: ClientWallet) -> None:
+    """The invariants of design §2 rule 7, once the fault has cleared."""
+    for proc in node.procs.values():
+        await wait_ready(proc, 60)
+    db = await asyncpg.connect(node.database_url)
+    nc = await messaging.connect(node.nats_url, "fault-check")
+    try:
+        deadline = time.monotonic() + SETTLE_WITHIN
+        while True:
+            open_, pending = await db.fetchval(
+                "SELECT count(*) FROM billing.reservations WHERE state = 'open'"
+            ), await db.fetchval("SELECT count(*) FROM billing.refunds WHERE state = 'pending'")
+            if open_ == 0 and pending == 0:
+                break
+            assert time.monotonic() < deadline, f"{open_} reservations open, {pending} refunds pending"
+            await asyncio.sleep(0.5)
+        async with aiohttp.ClientSession() as http:
+            for token, changes in load.sent.items():
+                status, collected = await collect(http, node, token)
+                if status == 404:  # never taken: still the client's
+                    assert not changes and not await payer.is_spent(token), token[:20]
+                    continue
+                changes = list(dict.fromkeys([*changes, *([collected] if collected else [])]))
+                info = await key_info(nc, token)
+                assert info is not None and info.reserved_msat == 0, info
+                returned = 0
+                for change in changes:
+                    returned += token_sats(change) * 1000
+                    assert await payer.receive(change) == token_sats(change)  # real, unspent ecash
+                assert info.total_spent_msat + returned + info.balance_msat == TOKEN_SATS * 1000, (info, returned)
+                assert info.balance_msat < 1000, info  # only dust stays
+        result = await reconcile(node.nats_url)
+        assert result.difference_msat == 0 and result.covered, result
+    finally:
+        await nc.drain()
+        await db.close()
+
+
+# ---- fixtures: parts the test may kill ------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def own_nats(tmp_path):
+    nats = processes.start_nats(tmp_path / "nats")
+    yield nats
+    signal_tree(nats.process.pid, signal.SIGCONT)
+    nats.stop()
+
+
+@pytest.fixture
+async def own_mint(tmp_path):
+    mint = processes.start_mint(tmp_path / "mint")
+    yield mint
+    signal_tree(mint.process.pid, signal.SIGCONT)
+    mint.stop()
+
+
+@pytest.fixture
+async def own_postgres():
+    workdir = Path(tempfile.mkdtemp(prefix="routstr-test-pg-"))
+    service = processes.start_postgres(workdir)
+    admin = await asyncpg.connect(service.url)
+    await admin.execute('CREATE DATABASE "node"')
+    await admin.close()
+    yield service
+    signal_tree(service.process.pid, signal.SIGCONT)
+    service.stop()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+# ---- the faults ---------------------------------------------------------------------------------------------
+
+
+async def test_kill_9_of_each_service_under_load(tmp_path, own_nats, database, upstream, mint, client_wallet):
+    node = await start_node(tmp_path, own_nats.url, database, mint.url, upstream)
+    try:
+        for service in ("billing", "wallet", "gateway"):
+
+            async def kill(service=service) -> None:
+                node.procs[service].process.kill()
+                node.procs[service].process.wait()
+                await asyncio.sleep(1)
+                await node.restart(service)
+
+            load = await under_load(node, client_wallet, kill)
+            await assert_nothing_stuck(node, load, client_wallet)
+    finally:
+        await node.cluster.stop()
+
+
+async def test_nats_paused_then_killed_and_restarted(tmp_path, own_nats, database, upstream, mint, client_wallet):
+    node = await start_node(tmp_path, own_nats.url, database, mint.url, upstream)
+    port = int(own_nats.url.rsplit(":", 1)[1])
+
+    async def pause() -> None:
+        signal_tree(own_nats.process.pid, signal.SIGSTOP)
+        await asyncio.sleep(4)
+        signal_tree(own_nats.process.pid, signal.SIGCONT)
+
+    async def kill() -> None:
+        own_nats.process.kill()
+        own_nats.process.wait()
+        await asyncio.sleep(2)
+        own_nats.process = processes.start_nats(tmp_path / "nats", port=port).process
+
+    try:
+        for fault in (pause, kill):
+            load = await under_load(node, client_wallet, fault)
+            await assert_nothing_stuck(node, load, client_wallet)
+    finally:
+        await node.cluster.stop()
+
+
+async def test_postgres_paused_then_killed_and_restarted(tmp_path, own_nats, own_postgres, upstream, mint,
+                                                         client_wallet):  # fmt: skip
+    database = own_postgres.url.rsplit("/", 1)[0] + "/node"
+    node = await start_node(tmp_path, own_nats.url, database, mint.url, upstream)
+    port = int(own_postgres.url.rsplit(":", 1)[1].split("/")[0])
+    workdir = own_postgres.log_path.parent
+
+    async def pause() -> None:
+        signal_tree(own_postgres.process.pid, signal.SIGSTOP)
+        await asyncio.sleep(4)
+        signal_tree(own_postgres.process.pid, signal.SIGCONT)
+
+    async def kill() -> None:
+        signal_tree(own_postgres.process.pid, signal.SIGKILL)
+        own_postgres.process.wait()
+        await asyncio.sleep(1)
+        own_postgres.process = processes.start_postgres(workdir, port=port).process
+
+    try:
+        for fault in (pause, kill):
+            load = await under_load(node, client_wallet, fault)
+            await assert_nothing_stuck(node, load, client_wallet)
+    finally:
+        await node.cluster.stop()
+
+
+async def test_mint_paused_then_killed_and_restarted(tmp_path, own_nats, database, upstream, own_mint):
+    payer = ClientWallet(own_mint.url)
+    node = await start_node(tmp_path, own_nats.url, database, own_mint.url, upstream)
+    port = int(own_mint.url.rsplit(":", 1)[1])
+
+    async def pause() -> None:
+        signal_tree(own_mint.process.pid, signal.SIGSTOP)
+        await asyncio.sleep(4)
+        signal_tree(own_mint.process.pid, signal.SIGCONT)
+
+    async def kill() -> None:
+        own_mint.process.kill()
+        own_mint.process.wait()
+        await asyncio.sleep(1)
+        own_mint.process = processes.start_mint(tmp_path / "mint", port=port).process
+
+    try:
+        for fault in (pause, kill):
+            load = await under_load(node, payer, fault)
+            await assert_nothing_stuck(node, load, payer)
+    finally:
+        await node.cluster.stop()
