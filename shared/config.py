@@ -106,6 +106,12 @@ SETTINGS_DOC: dict[str, tuple[str, str, bool]] = {
         False,
     ),
     "CASHU_MINTS": ("", "Comma-separated mint URLs whose tokens the node accepts", False),
+    "CASHU_FOREIGN_MAX_SATS": (
+        "10000",
+        "Largest token (sats) from a mint not in CASHU_MINTS that is swapped in over Lightning; 0 = refuse them",
+        False,
+    ),
+    "CASHU_FOREIGN_HOURLY_SATS": ("100000", "Sats a rolling hour swapped in from mints not in CASHU_MINTS", False),
     "DATABASE_URL": ("", "Postgres URL; `make run` starts its own Postgres when empty", True),
     "NATS_URL": ("", "NATS URL (JetStream enabled); `make run` starts its own NATS when empty", False),
     "PORT": ("8000", "Gateway listen port", False),
@@ -162,6 +168,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     upstream_connect_timeout: int
     upstream_idle_timeout: int
     cashu_mints: tuple[str, ...]
+    cashu_foreign_max_sats: int
+    cashu_foreign_hourly_sats: int
     database_url: str
     nats_url: str
     port: int
@@ -277,6 +285,8 @@ def load_settings(
         upstream_connect_timeout=positive("UPSTREAM_CONNECT_TIMEOUT"),
         upstream_idle_timeout=positive_or("UPSTREAM_IDLE_TIMEOUT", "UPSTREAM_TIMEOUT"),
         cashu_mints=tuple(_mint("CASHU_MINTS", m) for m in _list(get("CASHU_MINTS"))),
+        cashu_foreign_max_sats=non_negative("CASHU_FOREIGN_MAX_SATS"),
+        cashu_foreign_hourly_sats=non_negative("CASHU_FOREIGN_HOURLY_SATS"),
         database_url=database_url,
         nats_url=nats_url,
         port=port("PORT"),

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 from services.gateway import admin, balance, catalog, lightning, openapi
 from services.gateway.billing_client import BillingClient
 from services.gateway.errors import detail_error, openai_error
+from services.gateway.payment_request import NODE_KEY, NodeKey, Quoter
 from services.gateway.proxy import MODEL, REQUEST_ID, Proxy
 from services.gateway.ratelimit import RateLimiter, client_address
 from services.gateway.routing import Router
@@ -141,6 +142,8 @@ async def _resources(app: web.Application) -> None:
 
     await nc.subscribe(bus.EVENT_CATALOG_CHANGED, cb=providers_changed)
     proxy = Proxy(settings, session, billing, app[METRICS], lambda: catalog.usd_per_msat(app), router)
+    app[NODE_KEY] = NodeKey(lambda: app[NC])
+    proxy.quoter = Quoter(settings, lambda: _catalog_only(app), app[NODE_KEY].get)
     app[PROXY] = proxy
     app[balance.BALANCE] = balance.BalanceAPI(billing)
     app[lightning.LIGHTNING] = lightning.LightningAPI(nc)
@@ -183,3 +186,7 @@ async def create_app(settings: Settings) -> web.Application:
     app.router.add_route("*", "/v1/{tail:.*}", _other_v1)
     app.cleanup_ctx.append(_resources)
     return app
+
+
+async def _catalog_only(app: web.Application):
+    return (await catalog.current_catalog(app))[0]

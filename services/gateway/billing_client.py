@@ -202,10 +202,13 @@ class BillingClient:
     def _msg_id(usage: bus.Usage) -> dict[str, str]:
         return {"Nats-Msg-Id": f"usage-{usage.request_id}"}
 
-    async def refund(self, key_hash: str, lightning_address: str | None = None) -> bus.Refunded:
-        """Pay out the key's balance; this gateway's grant on it is given back first (billing recalls
-        every other gateway's)."""
+    async def refund(
+        self, key_hash: str, lightning_address: str | None = None, mint_url: str | None = None
+    ) -> bus.Refunded:
+        """Pay out the key's balance (from `mint_url` when the client named one); this gateway's grant on
+        it is given back first (billing recalls every other gateway's)."""
         await self.quota.give_back(key_hash)
         return await request(
-            self.nc, bus.BILLING_REFUND, bus.Refund(key_hash, lightning_address), bus.Refunded, bus.MINT_TIMEOUT
+            self.nc, bus.BILLING_REFUND, bus.Refund(key_hash, lightning_address, mint_url), bus.Refunded,
+            bus.MINT_TIMEOUT,
         )

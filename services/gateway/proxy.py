@@ -29,6 +29,7 @@ from services.gateway.billing_client import BillingClient
 from services.gateway.credentials import Credential, CredentialError, credential
 from services.gateway.errors import from_bus, openai_error
 from services.gateway.metering import Meter, Tokens, estimate_prompt_tokens
+from services.gateway.payment_request import Quoter, token_face_sats
 from services.gateway.routing import Router, headers_for
 from shared import bus
 from shared.config import Settings
@@ -148,6 +149,7 @@ class Proxy:
         self.usd_per_msat = usd_per_msat
         self.router = router
         self.background: set[asyncio.Task] = set()
+        self.quoter: Quoter | None = None  # NUT-24 pre-check and payment requests (set by the app)
 
     # ---- entry points --------------------------------------------------------------------------
 
@@ -168,35 +170,60 @@ class Proxy:
         model = request.headers.get("X-Routstr-Model") or body.get("model")
         if not isinstance(model, str) or not model.strip():
             return openai_error(400, "you must provide a model parameter", "missing_model")
+        prompt_estimate = estimate_prompt_tokens(body)
+        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens")
+        if path.endswith("/embeddings"):
+            max_tokens = 0  # an embedding generates nothing: hold only the prompt's price
+        limit = max_tokens if isinstance(max_tokens, int) and max_tokens >= 0 else None
         try:
             cred = credential(request)
         except CredentialError as exc:
             self.metrics.payments.labels("unknown", exc.code).inc()
-            return openai_error(exc.status, exc.message, exc.code)
+            pay = None
+            if exc.code == "missing_api_key" and self.quoter is not None:  # NUT-24: say what would pay
+                cost = await self.quoter.max_cost_msat(model.strip(), prompt_estimate, limit)
+                pay = await self.quoter.header(cost) if cost is not None else None
+            return openai_error(exc.status, exc.message, exc.code, headers=pay)
+        if cred.mode == "xcashu" and self.quoter is not None:
+            refusal = await self._too_small(cred, model.strip(), prompt_estimate, limit)
+            if refusal is not None:
+                return refusal
         try:
             await self.billing.ensure_account(cred)
         except BusError as exc:
             self.metrics.payments.labels(cred.mode, exc.error.code).inc()
             return from_bus(exc.error)
 
-        prompt_estimate = estimate_prompt_tokens(body)
-        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens")
-        if path.endswith("/embeddings"):
-            max_tokens = 0  # an embedding generates nothing: hold only the prompt's price
         reserve = bus.Reserve(
             key_hash=cred.key_hash, request_id=request[REQUEST_ID], model=model.strip(),
-            prompt_tokens=prompt_estimate, path=path,
-            max_tokens=max_tokens if isinstance(max_tokens, int) and max_tokens >= 0 else None,
+            prompt_tokens=prompt_estimate, path=path, max_tokens=limit,
         )  # fmt: skip
         try:
             reserved = await self.billing.reserve(reserve)
         except BusError as exc:
             self.metrics.payments.labels(cred.mode, exc.error.code).inc()
-            return from_bus(exc.error, headers=await self.change(cred))
+            headers = await self.change(cred)
+            if exc.error.status == 402 and "X-Cashu" not in headers and self.quoter is not None:
+                cost = await self.quoter.max_cost_msat(model.strip(), prompt_estimate, limit)
+                headers = await self.quoter.header(cost) if cost is not None else headers
+            return from_bus(exc.error, headers=headers)
         self.metrics.payments.labels(cred.mode, "ok").inc()
         request[MODEL] = reserved.model  # the forwarded id is set per route (`connect`; a form goes as sent)
         call = Call(request[REQUEST_ID], cred, path, body, reserved, prompt_estimate, form)
         return await self.forward(request, call)
+
+    async def _too_small(
+        self, cred: Credential, model: str, prompt_tokens: int, limit: int | None
+    ) -> web.Response | None:
+        """NUT-24: a token whose face value cannot cover the call's maximum cost is refused before it
+        is redeemed (it stays the client's), with a payment request for the amount that would."""
+        cost = await self.quoter.max_cost_msat(model, prompt_tokens, limit)
+        face = token_face_sats(cred.token or "")
+        if cost is None or face is None or face * 1000 >= cost:
+            return None
+        self.metrics.payments.labels(cred.mode, "insufficient_balance").inc()
+        message = f"Insufficient balance: {cost} msat required, the X-Cashu token holds {face * 1000} msat"
+        return openai_error(402, message, "insufficient_balance", headers=await self.quoter.header(cost))
 
     async def passthrough(self, request: web.Request) -> web.StreamResponse:
         """Any other `/v1/*` read: forwarded for a known key, free (it runs no model)."""
