@@ -15,6 +15,7 @@ import time
 import uuid
 
 import aiohttp
+import asyncpg
 import pytest
 
 from services.billing.grants import _Batch
@@ -134,6 +135,41 @@ async def test_a_lost_grant_answer_holds_money_no_longer_than_the_validity_time(
         await nc.drain()
     result = await reconcile(node.settings.nats_url)
     assert result.difference_msat == 0, result
+
+
+async def test_reconcile_sees_a_settlement_committing_while_it_reads_whole_or_not_at_all(make_node):
+    # The interleaving behind a reconcile once off by exactly one call (-1010 msat) right after a
+    # call: reconcile read the ledger, a usage batch committed (key debited, revenue row added), then
+    # reconcile read the keys. Here the batch's transaction holds billing.keys locked until
+    # reconcile has read the ledger and waits for the keys; then it commits.
+    node = await make_node(("billing",), **PRICES)
+    key = await funded_key(node.settings.nats_url, 10 * COST)
+    price = bus.Price(request_msat=1000, completion_msat_per_m=1_000_000)
+    batch = _Batch({}, {hash_of(key): 10 * COST}, set())
+    batch.add(bus.Usage(uuid.uuid4().hex, hash_of(key), "", "gpt-4o-mini", 0, 10, price=price, grant_id="gone"))
+    assert batch.charged and sum(batch.charged.values()) == COST
+    writer = await asyncpg.connect(node.settings.database_url)
+    watcher = await asyncpg.connect(node.settings.database_url)
+    try:
+        settlement = writer.transaction()
+        await settlement.start()
+        await writer.execute("LOCK TABLE billing.keys IN ACCESS EXCLUSIVE MODE")
+        await batch.write(writer)
+        reading = asyncio.ensure_future(reconcile(node.settings.nats_url))
+        waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%billing.keys%'"
+        for _ in range(1000):
+            if await watcher.fetchval(waiting) or reading.done():
+                break
+            await asyncio.sleep(0.01)
+        assert not reading.done(), await reading
+        await settlement.commit()
+        result = await reading
+        assert result.difference_msat == 0, result
+        after = await reconcile(node.settings.nats_url)
+        assert after.difference_msat == 0 and after.revenue_msat == result.revenue_msat + COST, (result, after)
+    finally:
+        await writer.close()
+        await watcher.close()
 
 
 async def test_refund_during_load_returns_all_not_spent_and_a_top_up_is_usable_at_once(make_node, http, client_wallet):
@@ -283,5 +319,12 @@ async def test_kill_9_of_a_gateway_under_load_charges_every_answered_call_once(c
     async with aiohttp.ClientSession() as http:
         async with http.post(f"{survivor.url}{CHAT}", json=CALL, headers=auth(key)) as response:
             assert response.status == 200, await response.text()
+    # Its usage settles from the stream after the answer: charged once, on top of the rest.
+    deadline = time.monotonic() + 10
+    while (after := await key_state(nats_server.url, hash_of(key))).total_requests == info.total_requests:
+        assert time.monotonic() < deadline, f"the survivor's call was not settled: {after}"
+        await asyncio.sleep(0.1)
+    assert after.total_requests == info.total_requests + 1, after
+    assert after.total_spent_msat == after.total_requests * COST, after
     result = await reconcile(nats_server.url)
     assert result.difference_msat == 0 and result.covered, result

@@ -377,8 +377,15 @@ class Ledger:
     # ---- reconcile -------------------------------------------------------------------------
 
     async def books(self) -> dict[str, int]:
-        """Account balances from the ledger alone, plus what the keys table says users hold."""
-        async with self.pool.acquire() as conn:
+        """Account balances from the ledger alone, plus what the keys table says users hold.
+
+        Both are read from one snapshot (a read-only REPEATABLE READ transaction): every movement
+        updates the keys and appends its ledger rows in one transaction, so a snapshot sees each
+        movement whole or not at all. Read one after the other under READ COMMITTED, a settlement
+        committing in between showed as an imbalance of exactly its charge (keys debited, revenue
+        row not yet counted).
+        """
+        async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
             rows = await conn.fetch(
                 "SELECT account, sum(amount) AS balance FROM ("
                 " SELECT credit AS account, amount_msat AS amount FROM billing.ledger"
