@@ -81,7 +81,7 @@ def main() -> int:
             env["DATABASE_URL"] = asyncio.run(_ensure_database(postgres.url, "routstr"))
             print(f"started Postgres at {env['DATABASE_URL']}")
         if not settings.cashu_mints:
-            mint = processes.start_mint(RUN_DIR / "mint")
+            mint = processes.start_mint(RUN_DIR / "mint", port=processes.kept_port(RUN_DIR / "mint" / "port"))
             started.append(mint)
             env["CASHU_MINTS"] = mint.url
             banner(f"no CASHU_MINTS set: a local FakeWallet mint at {mint.url} (its ecash is worthless)")

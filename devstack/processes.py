@@ -26,6 +26,23 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def kept_port(path: Path) -> int:
+    """A loopback port that stays the same across runs: the one saved in `path` if it is still free, else a
+    new free one (saved there). The dev mint needs it: its URL is written into every proof the wallet keeps
+    and every token it issues, so a new port on each `make run` would strand the ecash of earlier runs."""
+    try:
+        port = int(path.read_text())
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the mint binds: TIME_WAIT is no obstacle
+            sock.bind(("127.0.0.1", port))
+        return port
+    except (OSError, ValueError):
+        port = free_port()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(str(port))
+        return port
+
+
 @dataclass
 class Service:
     name: str
@@ -153,10 +170,11 @@ def start_postgres(workdir: Path) -> Service:
     return Service("postgres", f"postgresql://postgres@127.0.0.1:{port}/postgres", proc, log_path)
 
 
-def start_mint(workdir: Path, input_fee_ppk: int = 0) -> Service:
-    """The nutshell mint with its FakeWallet Lightning backend (invoices pay themselves)."""
+def start_mint(workdir: Path, input_fee_ppk: int = 0, port: int | None = None) -> Service:
+    """The nutshell mint with its FakeWallet Lightning backend (invoices pay themselves), on `port` (a free
+    one when None)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MINT_", "CASHU_", "FAKEWALLET_", "TOR"))}
     env.update(
         MINT_BACKEND_BOLT11_SAT="FakeWallet",

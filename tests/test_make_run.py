@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
-from devstack.processes import free_port
+from devstack.processes import free_port, kept_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -87,3 +88,17 @@ def test_every_service_lists_its_commands():
         assert shown[service].returncode == 0, err
         for command in commands:
             assert command in out, (service, command)
+
+
+def test_the_dev_mint_keeps_its_port_across_runs(tmp_path: Path):
+    """The dev mint's URL is in every proof and token, so `make run` reuses its port while it is free."""
+    saved = tmp_path / "mint" / "port"
+    first = kept_port(saved)
+    assert saved.read_text() == str(first)
+    assert kept_port(saved) == first
+    with socket.socket() as busy:  # the saved port taken by something else: a new one, saved in its place
+        busy.bind(("127.0.0.1", first))
+        busy.listen()
+        other = kept_port(saved)
+    assert other != first
+    assert saved.read_text() == str(other)
