@@ -63,10 +63,13 @@ def test_make_run_brings_up_a_working_node_and_stops_everything(tmp_path: Path, 
                                 cwd=tmp_path, env=bare, capture_output=True, text=True, timeout=60)  # fmt: skip
         assert issued.returncode == 0 and issued.stdout.startswith("rsa_"), issued.stderr
     finally:
-        node.send_signal(signal.SIGINT)
+        os.killpg(node.pid, signal.SIGINT)  # as Ctrl-C at a terminal: to the whole foreground process group
         rest, _ = node.communicate(timeout=60)
         output += rest
     assert node.returncode == 0, output
+    # The services stopped cleanly: NATS and Postgres outlived them instead of dying under their drain.
+    for log in (tmp_path / ".run").glob("*.log"):
+        assert "Traceback" not in log.read_text(errors="replace"), f"{log.name}:\n{log.read_text()[-3000:]}"
     assert not (tmp_path / ".run" / "env").exists()
     leftovers = subprocess.run(["pgrep", "-f", str(tmp_path / ".run")], capture_output=True, text=True).stdout.split()
     running = subprocess.run(["ps", "-o", "pid,args", "-p", ",".join(leftovers)], capture_output=True, text=True)
