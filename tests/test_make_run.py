@@ -31,8 +31,10 @@ def test_make_run_brings_up_a_working_node_and_stops_everything(tmp_path: Path, 
                DISCOVERY_PORT=str(free_port()), RELAYS="", HOST="127.0.0.1", PYTHONPATH=str(REPO))  # fmt: skip
     # External NATS (the test's) and embedded Postgres: both modes in one run.
     env["NATS_URL"] = nats_server.url
+    # Started as a script's background job is: SIGINT ignored (inherited), which must not keep Ctrl-C from working.
     node = subprocess.Popen([sys.executable, "-m", "devstack"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # fmt: skip
     output = ""
     try:
         deadline = time.monotonic() + 120
