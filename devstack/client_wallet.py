@@ -29,14 +29,18 @@ class ClientWallet:
         quote = await wallet.request_mint(sats)
         await wallet.mint(sats, quote_id=quote.quote)
 
-    async def token(self, sats: int, v4: bool = True, fund: bool = True) -> str:
-        """A fresh token worth exactly `sats` (plus nothing: fees are the receiver's to pay)."""
+    async def token(
+        self, sats: int, v4: bool = True, fund: bool = True, lock_to: str | None = None, dleq: bool = False
+    ) -> str:
+        """A fresh token worth exactly `sats` (plus nothing: fees are the receiver's to pay); `lock_to` a
+        public key (hex) locks it with NUT-11 P2PK, `dleq` includes the mint's NUT-12 DLEQ proofs."""
         wallet = await self._get()
         if fund:
             await self.fund(sats + 8)
         await wallet.load_proofs(reload=True)
-        _, send = await wallet.swap_to_send(wallet.proofs, sats, set_reserved=True)
-        return await wallet.serialize_proofs(send, legacy=not v4)
+        lock = await wallet.create_p2pk_lock(lock_to) if lock_to else None
+        _, send = await wallet.swap_to_send(wallet.proofs, sats, secret_lock=lock, set_reserved=True)
+        return await wallet.serialize_proofs(send, include_dleq=dleq, legacy=not v4)
 
     async def receive(self, token: str) -> int:
         """Redeem a token the node gave back (change or refund) and return its value in sats."""

@@ -8,6 +8,13 @@ directives in the last message's text, so a test drives it through the gateway u
   [[midfail]]    stream half the tokens, then drop the connection
   [[slow:S]]     wait S seconds before answering (and between chunks when streaming)
   [[nousage]]    never report usage
+  [[replay:NAME]] or [[replay:NAME:CUT]]  (anywhere in a POST body, on any path) answer with the corpus
+                 transcript devstack/corpus/NAME.* byte for byte; its extension gives the content type.
+                 CUT: whole (one write, the default), awkward (a separate write inside every CRLF, every
+                 multi-byte UTF-8 character and every `data:`), bytes (one byte per write), drop (the
+                 connection dies halfway through)
+
+Upstream 429 and 503 answers carry `Retry-After` and `x-ratelimit-*` headers, as OpenAI's do.
 
 `create_app(models=..., priced=..., flavor=...)` makes it one of several providers for the routing tests:
 the models it serves, whether its `/models` carries OpenRouter-style `pricing` (OpenAI's does not), and
@@ -21,10 +28,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import itertools
 import json
 import re
 import time
 import uuid
+from pathlib import Path
 
 from aiohttp import web
 
@@ -41,7 +50,67 @@ _DIRECTIVE = re.compile(r"\[\[(\w+)(?::([\d.]+))?\]\]")
 
 def _error(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None):
     body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
-    return web.json_response(body, status=status)
+    headers = {}
+    if status in (429, 503):
+        headers = {"Retry-After": "7", "x-ratelimit-limit-requests": "500", "x-ratelimit-remaining-requests": "0",
+                   "x-ratelimit-reset-requests": "7s"}  # fmt: skip
+    return web.json_response(body, status=status, headers=headers)
+
+
+# ---- replaying recorded wire formats ----------------------------------------------------------
+
+CORPUS = Path(__file__).with_name("corpus")
+_REPLAY = re.compile(rb"\[\[replay:([\w.-]+)(?::(\w+))?\]\]")
+_CONTENT_TYPES = {".sse": "text/event-stream", ".json": "application/json", ".txt": "text/plain; charset=utf-8",
+                  ".mp3": "audio/mpeg"}  # fmt: skip
+
+
+def awkward_cuts(data: bytes) -> list[int]:
+    """Offsets that split `data` inside every CRLF, every multi-byte UTF-8 character and every `data:`."""
+    cuts = set()
+    for index, byte in enumerate(data):
+        if byte == 0x0A and index and data[index - 1] == 0x0D:
+            cuts.add(index)
+        elif 0x80 <= byte < 0xC0:  # a UTF-8 continuation byte: cut before it
+            cuts.add(index)
+    for match in re.finditer(rb"data:", data):
+        cuts.add(match.start() + 2)
+    return sorted(cuts)
+
+
+async def _replay(request: web.Request, name: str, cut: str) -> web.StreamResponse:
+    files = [f for f in CORPUS.glob(f"{name}.*") if f.suffix in _CONTENT_TYPES]
+    if len(files) != 1:
+        return _error(404, f"no corpus transcript {name!r}")
+    data = files[0].read_bytes()
+    response = web.StreamResponse(headers={"Content-Type": _CONTENT_TYPES[files[0].suffix]})
+    await response.prepare(request)
+    if cut == "drop":  # the upstream dies halfway through
+        await response.write(data[: len(data) // 2])
+        await asyncio.sleep(0.01)
+        request.transport.close()
+        return response
+    if cut == "whole":
+        pieces = [data]
+    else:
+        bounds = [0, *(awkward_cuts(data) if cut == "awkward" else range(1, len(data))), len(data)]
+        pieces = [data[a:b] for a, b in itertools.pairwise(bounds)]
+    pause = 0.002 if cut == "awkward" else 0  # let each piece reach the reader as a read of its own
+    for index, piece in enumerate(pieces):
+        if index:
+            await asyncio.sleep(pause)
+        await response.write(piece)
+    await response.write_eof()
+    return response
+
+
+@web.middleware
+async def replay(request: web.Request, handler):
+    if request.method == "POST":
+        match = _REPLAY.search(await request.read())
+        if match:
+            return await _replay(request, match.group(1).decode(), (match.group(2) or b"whole").decode())
+    return await handler(request)
 
 
 def _directives(body: dict) -> dict[str, float]:
@@ -284,7 +353,7 @@ def create_app(
     flavor: str = "openai",
 ) -> web.Application:
     """`models`: (id, context length, USD per prompt token, USD per completion token) it serves and lists."""
-    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[replay])
     app[API_KEY] = api_key
     app[MODELS_SERVED] = models
     app[PRICED] = priced

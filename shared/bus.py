@@ -34,6 +34,7 @@ WALLET_PAY = "wallet.pay"  # Pay -> Paid | Error (Lightning payout)
 WALLET_HOLDINGS = "wallet.holdings"  # HoldingsQuery -> Holdings
 WALLET_INVOICE = "wallet.invoice"  # MintQuote -> MintQuoteState | Error (NUT-04 invoice)
 WALLET_INVOICE_CHECK = "wallet.invoice.check"  # MintQuoteCheck -> MintQuoteState | Error (mints once paid)
+WALLET_PUBKEY = "wallet.pubkey"  # PubkeyQuery -> NodePubkey (the NUT-11 key tokens may be locked to)
 DISCOVERY_INFO = "discovery.info"  # InfoQuery -> NodeIdentity
 DISCOVERY_PROVIDERS = "discovery.providers"  # ProvidersQuery -> Providers
 
@@ -168,6 +169,7 @@ class KeyInfo(msgspec.Struct, tag="key_info", frozen=True):
 class Refund(msgspec.Struct, tag="refund", frozen=True):
     key_hash: str
     lightning_address: str | None = None
+    mint_url: str | None = None  # the mint the client wants its token from (else the key's last deposit's)
 
 
 class Refunded(msgspec.Struct, tag="refunded", frozen=True):
@@ -402,6 +404,14 @@ class MintQuoteState(msgspec.Struct, tag="mint_quote_state", frozen=True):
     expires_at: int  # unix seconds, 0 when the mint gave none
 
 
+class PubkeyQuery(msgspec.Struct, tag="pubkey_query", frozen=True):
+    pass
+
+
+class NodePubkey(msgspec.Struct, tag="node_pubkey", frozen=True):
+    pubkey: str  # compressed secp256k1 public key, hex: lock tokens to it (NUT-11 P2PK)
+
+
 class HoldingsQuery(msgspec.Struct, tag="holdings_query", frozen=True):
     pass
 
@@ -471,7 +481,7 @@ Message = (
     | Reserve | Reserved | Usage | Settled | Deposit | KeyQuery | CreateKey | KeyInfo | Refund | Refunded
     | ModelsQuery | Catalog | ReconcileQuery | Reconciliation | InvoiceCreate | InvoiceQuery | InvoiceInfo
     | MintQuote | MintQuoteCheck | MintQuoteState
-    | Redeem | Redeemed | Issue | Issued | Pay | Paid | HoldingsQuery | Holdings
+    | Redeem | Redeemed | Issue | Issued | Pay | Paid | HoldingsQuery | Holdings | PubkeyQuery | NodePubkey
     | InfoQuery | NodeIdentity | ProvidersQuery | Providers
     | CreditControl | QuotaAnswer | RateQuery | Rating | Recall | UsageBatch
     | AdminCall | AdminAnswer

@@ -90,12 +90,28 @@ SETTINGS_DOC: dict[str, tuple[str, str, bool]] = {
     "UPSTREAM_COOLDOWN": ("30", "Seconds a failing provider is left out of routing before it is probed again", False),
     "UPSTREAM_FIRST_BYTE_TIMEOUT": (
         "60",
-        "Seconds to wait for a provider's first byte before trying the next one",
+        "Seconds to wait for a provider's answer before trying the next one (at most UPSTREAM_TIMEOUT)",
         False,
     ),
-    "UPSTREAM_TIMEOUT": ("300", "Seconds an upstream call may take in all", False),
+    "UPSTREAM_TIMEOUT": (
+        "300",
+        "Longest silence in seconds from an upstream: caps UPSTREAM_FIRST_BYTE_TIMEOUT, the default of"
+        " UPSTREAM_IDLE_TIMEOUT (a stream that keeps producing is never cut)",
+        False,
+    ),
     "UPSTREAM_CONNECT_TIMEOUT": ("10", "Seconds to connect to the upstream", False),
+    "UPSTREAM_IDLE_TIMEOUT": (
+        "",
+        "Longest gap in seconds between two reads of an upstream answer; empty = UPSTREAM_TIMEOUT",
+        False,
+    ),
     "CASHU_MINTS": ("", "Comma-separated mint URLs whose tokens the node accepts", False),
+    "CASHU_FOREIGN_MAX_SATS": (
+        "10000",
+        "Largest token (sats) from a mint not in CASHU_MINTS that is swapped in over Lightning; 0 = refuse them",
+        False,
+    ),
+    "CASHU_FOREIGN_HOURLY_SATS": ("100000", "Sats a rolling hour swapped in from mints not in CASHU_MINTS", False),
     "DATABASE_URL": ("", "Postgres URL; `make run` starts its own Postgres when empty", True),
     "NATS_URL": ("", "NATS URL (JetStream enabled); `make run` starts its own NATS when empty", False),
     "PORT": ("8000", "Gateway listen port", False),
@@ -150,7 +166,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     upstream_cooldown: int
     upstream_first_byte_timeout: int
     upstream_connect_timeout: int
+    upstream_idle_timeout: int
     cashu_mints: tuple[str, ...]
+    cashu_foreign_max_sats: int
+    cashu_foreign_hourly_sats: int
     database_url: str
     nats_url: str
     port: int
@@ -217,6 +236,9 @@ def load_settings(
             raise ConfigError(f"{name}: must be greater than 0, got {value}")
         return value
 
+    def positive_or(name: str, fallback: str) -> int:
+        return positive(name if get(name).strip() else fallback)
+
     def non_negative(name: str) -> int:
         value = _int(name, get(name))
         if value < 0:
@@ -259,9 +281,12 @@ def load_settings(
         upstream_timeout=positive("UPSTREAM_TIMEOUT"),
         providers_path=providers_path,
         upstream_cooldown=positive("UPSTREAM_COOLDOWN"),
-        upstream_first_byte_timeout=positive("UPSTREAM_FIRST_BYTE_TIMEOUT"),
+        upstream_first_byte_timeout=min(positive("UPSTREAM_FIRST_BYTE_TIMEOUT"), positive("UPSTREAM_TIMEOUT")),
         upstream_connect_timeout=positive("UPSTREAM_CONNECT_TIMEOUT"),
+        upstream_idle_timeout=positive_or("UPSTREAM_IDLE_TIMEOUT", "UPSTREAM_TIMEOUT"),
         cashu_mints=tuple(_mint("CASHU_MINTS", m) for m in _list(get("CASHU_MINTS"))),
+        cashu_foreign_max_sats=non_negative("CASHU_FOREIGN_MAX_SATS"),
+        cashu_foreign_hourly_sats=non_negative("CASHU_FOREIGN_HOURLY_SATS"),
         database_url=database_url,
         nats_url=nats_url,
         port=port("PORT"),

@@ -116,6 +116,10 @@ class WalletMetrics:
         self.unspent_msat = Gauge(
             "routstr_wallet_unspent_msat", "Unspent ecash the node holds", ["mint"], registry=registry
         )
+        self.foreign_swaps = Counter(
+            "routstr_foreign_swaps_total", "Tokens of unlisted mints swapped in over Lightning, by outcome",
+            ["outcome"], registry=registry,
+        )  # fmt: skip
 
 
 class DiscoveryMetrics:

@@ -62,18 +62,18 @@ def cost(
 ) -> tuple[int, int, int, int]:
     """(base, input, output, total) msat for a call's usage.
 
-    Cached prompt tokens are charged at the cache price only when the model has one; otherwise they
-    are ordinary prompt tokens (upstreams count them inside `prompt_tokens`).
+    ``prompt_tokens`` counts every input token (OpenAI's meaning); ``cache_read_tokens`` and
+    ``cache_write_tokens`` are the parts of it read from and written to the provider's cache (the
+    gateway normalizes Anthropic's usage, whose ``input_tokens`` excludes them, to this meaning).
+    Each part is priced at its own price when the model has one, else at the prompt price: cached
+    tokens are never free just because a model lists no cache price. Input is one part, rounded up once.
     """
     base = price.request_msat
-    if price.cache_read_msat_per_m and cache_read_tokens:
-        uncached = max(prompt_tokens - cache_read_tokens, 0)
-        input_msat = math.ceil(
-            (uncached * price.prompt_msat_per_m + cache_read_tokens * price.cache_read_msat_per_m) / PER_MILLION
-        )
-    else:
-        input_msat = _tokens(prompt_tokens, price.prompt_msat_per_m)
-    input_msat += _tokens(cache_write_tokens, price.cache_write_msat_per_m)
+    read, write = max(cache_read_tokens, 0), max(cache_write_tokens, 0)
+    uncached = max(prompt_tokens - read - write, 0)
+    read_price = price.cache_read_msat_per_m or price.prompt_msat_per_m
+    write_price = price.cache_write_msat_per_m or price.prompt_msat_per_m
+    input_msat = math.ceil((uncached * price.prompt_msat_per_m + read * read_price + write * write_price) / PER_MILLION)
     output_msat = _tokens(completion_tokens, price.completion_msat_per_m)
     return base, input_msat, output_msat, base + input_msat + output_msat
 

@@ -205,13 +205,15 @@ async def test_x_cashu_error_returns_the_change_too(node, http, client_wallet):
 
 
 async def test_x_cashu_too_small_gets_402_and_its_money_back(node, http, client_wallet):
+    """NUT-24: refused before it is redeemed, so the token itself stays the client's; the 402 says what would pay."""
     token = await client_wallet.token(2)
     body = {**HELLO, "max_tokens": 100_000}
     async with http.post(f"{node.url}{CHAT}", json=body, headers={"X-Cashu": token}) as response:
         assert response.status == 402
         assert (await response.json())["error"]["code"] == "insufficient_balance"
-        change = response.headers["X-Cashu"]
-    assert await client_wallet.receive(change) == 2
+        assert response.headers["X-Cashu"].startswith("creqA")
+    assert not await client_wallet.is_spent(token)
+    assert await client_wallet.receive(token) == 2
 
 
 async def test_x_cashu_stream_is_real_and_change_is_collectable(node, http, client_wallet):
@@ -267,7 +269,8 @@ def _v3(mint: str, proofs: list) -> str:
     return "cashuA" + base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-async def test_bad_tokens_get_clear_4xx_and_change_nothing(node, http, client_wallet, fee_client_wallet, mint):
+async def test_bad_tokens_get_clear_4xx_and_change_nothing(make_node, http, client_wallet, fee_client_wallet, mint):
+    node = await make_node(CORE, CASHU_FOREIGN_MAX_SATS="0", **PRICES)  # unlisted mints refused, not swapped
     good = await client_wallet.token(5)
     spent = await client_wallet.token(5)
     await client_wallet.receive(spent)

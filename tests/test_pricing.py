@@ -59,8 +59,20 @@ def test_cost_uses_cache_prices_only_when_the_model_has_them():
     plain = bus.Price(prompt_msat_per_m=1_000_000)
     assert pricing.cost(plain, 1000, 0, cache_read_tokens=400) == (0, 1000, 0, 1000)
     cached = bus.Price(prompt_msat_per_m=1_000_000, cache_read_msat_per_m=100_000, cache_write_msat_per_m=2_000_000)
-    # 600 uncached at 1 msat + 400 cached at 0.1 msat = 640; 10 written at 2 msat = 20
-    assert pricing.cost(cached, 1000, 0, cache_read_tokens=400, cache_write_tokens=10) == (0, 660, 0, 660)
+    # Of 1000 prompt tokens: 590 uncached at 1 msat + 400 read at 0.1 msat + 10 written at 2 msat = 590 + 40 + 20
+    assert pricing.cost(cached, 1000, 0, cache_read_tokens=400, cache_write_tokens=10) == (0, 650, 0, 650)
+
+
+def test_cache_tokens_without_a_cache_price_cost_the_prompt_price_never_zero():
+    plain = bus.Price(prompt_msat_per_m=3_000_000, completion_msat_per_m=15_000_000)
+    # Anthropic-style usage normalized: 10 uncached + 2000 read + 500 written = 2510 prompt tokens, all at 3 msat.
+    assert pricing.cost(plain, 2510, 100, cache_read_tokens=2000, cache_write_tokens=500) == (0, 7530, 1500, 9030)
+    assert pricing.cost(plain, 2510, 0, 2000, 500) == pricing.cost(plain, 2510, 0)
+    # Only a read price: writes fall back to the prompt price, reads use theirs.
+    read_only = bus.Price(prompt_msat_per_m=3_000_000, cache_read_msat_per_m=300_000)
+    assert pricing.cost(read_only, 2510, 0, 2000, 500) == (0, 30 + 600 + 1500, 0, 2130)
+    # Usage that claims more cache than prompt never goes negative: the cache parts are charged.
+    assert pricing.cost(plain, 10, 0, cache_read_tokens=20)[1] == 60
 
 
 @pytest.mark.parametrize("prompt,completion", [(0, 0), (1, 1), (17, 4096), (123_457, 9_999)])

@@ -383,7 +383,9 @@ async def test_anthropic_messages_natively_priced_by_anthropic_usage(node, http,
     async with http.post(f"{node.url}/v1/messages", json={**body, "stream": True}, headers=headers) as response:
         assert response.status == 200
         text = await response.text()
-    assert "event: message_delta" in text and '"output_tokens": 9' in text  # passed through, not held back
+    events = text.split("\n\n")
+    delta = next(json.loads(e.split("data: ", 1)[1]) for e in events if e.startswith("event: message_delta"))
+    assert delta["usage"]["output_tokens"] == 9 and delta["cost"]["total_msats"] == expected  # with the node's cost
     assert await spendable(http, node, key) == balance - expected
     assert stubs["d"].hits == 2
     anthropic_sdk = {"x-api-key": key, "anthropic-version": "2023-06-01"}  # how Anthropic's SDKs authenticate

@@ -149,7 +149,7 @@ async def test_bad_tokens_are_invalid(make_node, nc, client_wallet, mint):
 
 
 async def test_foreign_mint_is_not_accepted(make_node, nc, fee_client_wallet, mint):
-    await start_wallet(make_node, nc)
+    await start_wallet(make_node, nc, CASHU_FOREIGN_MAX_SATS="0")
     token = await fee_client_wallet.token(2)
     error = await error_of(redeem(nc, token))
     assert (error.code, error.status) == ("mint_not_accepted", 400)
@@ -463,7 +463,9 @@ async def test_entry_point_migrates_and_importing_cashu_is_tame(database):
     )
     out, err = await migrate.communicate()
     assert migrate.returncode == 0, err.decode()
-    assert out.decode().strip() == "wallet: applied 2 migration(s): 001_init.sql, 002_mint_quotes.sql"
+    assert out.decode().strip() == (
+        "wallet: applied 3 migration(s): 001_init.sql, 002_mint_quotes.sql, 015_foreign_swaps.sql"
+    )
     probe = "import sys, services.wallet.app; print(getattr(sys, 'tracebacklimit', 'unset'))"
     child = await asyncio.create_subprocess_exec(sys.executable, "-c", probe, stdout=PIPE, stderr=PIPE)
     out, _ = await child.communicate()

@@ -172,13 +172,17 @@ class Accounts:
             step = await self.ledger.begin_refund(message.key_hash, method, message.lightning_address)
         if isinstance(step, bus.Refunded):
             return step  # a replay of the last refund
-        return await self._pay(step, message.key_hash)
+        return await self._pay(step, message.key_hash, message.mint_url)
 
-    async def _pay(self, refund: PendingRefund, key_hash: str) -> bus.Refunded:
+    async def _pay(self, refund: PendingRefund, key_hash: str, mint_url: str | None = None) -> bus.Refunded:
+        """Pay a pending refund out. A token comes from `mint_url` when the client named one, else from
+        the mint of the key's latest deposit (X-Cashu change from the token's own mint), else from
+        whichever mints hold enough (the wallet splits it across mints when none holds it all)."""
         try:
             if refund.method == "cashu":
+                mint_url = mint_url or await self.ledger.deposit_mint(key_hash)
                 issued = await request(
-                    self.nc, bus.WALLET_ISSUE, bus.Issue(refund.amount_msat, f"refund-{refund.refund_id}"),
+                    self.nc, bus.WALLET_ISSUE, bus.Issue(refund.amount_msat, f"refund-{refund.refund_id}", mint_url),
                     bus.Issued, bus.MINT_TIMEOUT,
                 )  # fmt: skip
                 token, fee = issued.token, issued.fee_msat
@@ -219,12 +223,16 @@ class Accounts:
         row = await self.ledger.invoice(message.invoice_id, message.bolt11)
         expired = False
         if row["state"] == "pending":
-            check = bus.MintQuoteCheck(row["quote_id"])
-            quote = await self._wallet(bus.WALLET_INVOICE_CHECK, check, bus.MintQuoteState)
-            expired = quote.state == "expired"
-            if quote.state == "paid":
-                self.metrics.credited_msat.inc(await self.ledger.credit_invoice(row["invoice_id"]))
+            expired = await self.credit_if_paid(row["invoice_id"], row["quote_id"]) == "expired"
         return await self.ledger.invoice_answer(row["invoice_id"], expired)
+
+    async def credit_if_paid(self, invoice_id: str, quote_id: str) -> str:
+        """Have the wallet mint a paid invoice's ecash, then credit its key once; returns the quote's
+        state (pending | paid | expired). Hands out no key: only a status answer does that."""
+        quote = await self._wallet(bus.WALLET_INVOICE_CHECK, bus.MintQuoteCheck(quote_id), bus.MintQuoteState)
+        if quote.state == "paid":
+            self.metrics.credited_msat.inc(await self.ledger.credit_invoice(invoice_id))
+        return quote.state
 
     async def _wallet(self, subject: str, message: msgspec.Struct, expect: type[T]) -> T:
         """Ask the wallet; its typed refusal (bad token, mint down, …) becomes billing's answer unchanged."""

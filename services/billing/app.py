@@ -17,6 +17,7 @@ from services.billing.accounts import Accounts
 from services.billing.admin import Admin
 from services.billing.catalog import Catalog, load_models_file
 from services.billing.grants import Grants
+from services.billing.invoice_watcher import INVOICE_WATCH_EVERY, credit_paid_invoices
 from services.billing.ledger import Ledger, LedgerError
 from services.billing.providers import ProviderStore, load_providers_file, shorthand_provider
 from shared import bus, db, messaging
@@ -183,6 +184,9 @@ async def _resources(app: web.Application):
         metrics.usage_pending.set(info.num_pending + info.num_ack_pending)
         await accounts.reconcile()
 
+    async def watch_invoices() -> None:
+        await credit_paid_invoices(pool, accounts)
+
     stop = asyncio.Event()
     tasks = [
         asyncio.create_task(consume_usage(nc, accounts, stop)),
@@ -191,6 +195,7 @@ async def _resources(app: web.Application):
         ),
         asyncio.create_task(every(GAUGES_EVERY, gauges, stop)),
         asyncio.create_task(every(CATALOG_REFRESH, refresh_catalog, stop)),
+        asyncio.create_task(every(INVOICE_WATCH_EVERY, watch_invoices, stop)),
         asyncio.create_task(every(ADMIN_EVERY, housekeeping, stop)),
     ]
     yield

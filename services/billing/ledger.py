@@ -105,6 +105,12 @@ class Ledger:
     async def deposit_of(self, token_hash: str) -> asyncpg.Record | None:
         return await self.pool.fetchrow("SELECT * FROM billing.deposits WHERE token_hash = $1", token_hash)
 
+    async def deposit_mint(self, key_hash: str) -> str | None:
+        """The mint of the key's latest token deposit (None when it was funded otherwise)."""
+        return await self.pool.fetchval(
+            "SELECT mint_url FROM billing.deposits WHERE key_hash = $1 ORDER BY created_at DESC LIMIT 1", key_hash
+        )
+
     async def answer_repeat(self, deposit: asyncpg.Record, key_hash: str) -> bus.KeyInfo:
         """The same token presented again: the same answer for its own key, 'already spent' for another."""
         if deposit["key_hash"] != key_hash:

@@ -46,14 +46,21 @@ def is_public_https(url: str) -> bool:
         return True  # a DNS name
 
 
-def build(settings: Settings, d: str, version: str, catalog: bus.Catalog | None) -> Announcement | None:
-    """The announcement, or None while the node has no public URL (nothing a client could reach)."""
+def build(
+    settings: Settings, d: str, version: str, catalog: bus.Catalog | None, p2pk_pubkey: str = ""
+) -> Announcement | None:
+    """The announcement, or None while the node has no public URL (nothing a client could reach).
+    `p2pk_pubkey`: the wallet's NUT-11 key (hex), as a `p2pk` tag and in the content, so a client can
+    lock the tokens it sends to this node."""
     urls = public_urls(settings)
     if not urls:
         return None
     tags = [("d", d), *(("u", url) for url in urls), *(("mint", mint) for mint in settings.cashu_mints)]
     tags.append(("version", version))
     content: dict = {"name": settings.name, "about": settings.description, "version": version}
+    if p2pk_pubkey:
+        tags.append(("p2pk", p2pk_pubkey))
+        content["p2pk_pubkey"] = p2pk_pubkey
     if settings.cashu_mints:
         content["mints"] = list(settings.cashu_mints)
     if catalog is not None:

@@ -32,6 +32,7 @@ class Discovery:
         )
         self.version = announcement.node_version()
         self.catalog: bus.Catalog | None = None
+        self.p2pk_pubkey = ""  # the wallet's NUT-11 key, announced once the wallet tells it
         self._changed = asyncio.Event()
         self._task: asyncio.Task | None = None
 
@@ -57,7 +58,9 @@ class Discovery:
                 await self._task
 
     def _announce(self) -> None:
-        self.relays.announce(announcement.build(self.settings, self.identity.provider_id, self.version, self.catalog))
+        self.relays.announce(
+            announcement.build(self.settings, self.identity.provider_id, self.version, self.catalog, self.p2pk_pubkey)
+        )
 
     async def _on_catalog_changed(self, msg) -> None:
         self._changed.set()
@@ -67,18 +70,33 @@ class Discovery:
         retry = 1.0
         while True:
             self._changed.clear()
+            learned_key = await self._learn_p2pk_pubkey(nc)
             try:
                 catalog = await request(nc, bus.BILLING_MODELS, bus.ModelsQuery(), bus.Catalog)
             except (BusError, NatsError) as exc:
                 log.info("catalog not available yet (%s); retrying in %.0fs", exc, retry)
                 wait, retry = retry, min(retry * 2, CATALOG_RETRY_MAX)
+                if learned_key:
+                    self._announce()
             else:
-                retry, wait = 1.0, CATALOG_REFRESH
-                if self.catalog is None or catalog.revision != self.catalog.revision:
+                retry, wait = 1.0, CATALOG_REFRESH if self.p2pk_pubkey else CATALOG_RETRY_MAX
+                if self.catalog is None or catalog.revision != self.catalog.revision or learned_key:
                     self.catalog = catalog
                     self._announce()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), timeout=wait)
+
+    async def _learn_p2pk_pubkey(self, nc: NATS) -> bool:
+        """Ask the wallet for its NUT-11 key until it answers; True the turn it first does."""
+        if self.p2pk_pubkey:
+            return False
+        try:
+            answer = await request(nc, bus.WALLET_PUBKEY, bus.PubkeyQuery(), bus.NodePubkey, timeout=1.0)
+        except (BusError, NatsError) as exc:
+            log.info("the wallet's P2PK key is not known yet (%s)", exc)
+            return False
+        self.p2pk_pubkey = answer.pubkey
+        return bool(answer.pubkey)
 
     async def _info(self, message: bus.Message) -> bus.NodeIdentity:
         return self.identity

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 from services.gateway import admin, balance, catalog, lightning, openapi
 from services.gateway.billing_client import BillingClient
 from services.gateway.errors import detail_error, openai_error
+from services.gateway.payment_request import NODE_KEY, NodeKey, Quoter
 from services.gateway.proxy import MODEL, REQUEST_ID, Proxy
 from services.gateway.ratelimit import RateLimiter, client_address
 from services.gateway.routing import Router
@@ -124,7 +125,9 @@ async def _resources(app: web.Application) -> None:
     await messaging.ensure_usage_stream(nc, settings.usage_stream_replicas)
     app[NC] = nc
     app[CHECKS]["nats"] = nats_check(nc)
-    timeout = aiohttp.ClientTimeout(total=settings.upstream_timeout, connect=settings.upstream_connect_timeout)
+    # No cap on a whole call: a stream that keeps producing is never cut. The proxy bounds the wait for
+    # the answer (UPSTREAM_FIRST_BYTE_TIMEOUT) and each gap between reads (UPSTREAM_IDLE_TIMEOUT).
+    timeout = aiohttp.ClientTimeout(total=None, connect=settings.upstream_connect_timeout)
     session = aiohttp.ClientSession(
         timeout=timeout,
         connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=300),
@@ -139,6 +142,8 @@ async def _resources(app: web.Application) -> None:
 
     await nc.subscribe(bus.EVENT_CATALOG_CHANGED, cb=providers_changed)
     proxy = Proxy(settings, session, billing, app[METRICS], lambda: catalog.usd_per_msat(app), router)
+    app[NODE_KEY] = NodeKey(lambda: app[NC])
+    proxy.quoter = Quoter(settings, lambda: _catalog_only(app), app[NODE_KEY].get)
     app[PROXY] = proxy
     app[balance.BALANCE] = balance.BalanceAPI(billing)
     app[lightning.LIGHTNING] = lightning.LightningAPI(nc)
@@ -181,3 +186,7 @@ async def create_app(settings: Settings) -> web.Application:
     app.router.add_route("*", "/v1/{tail:.*}", _other_v1)
     app.cleanup_ctx.append(_resources)
     return app
+
+
+async def _catalog_only(app: web.Application):
+    return (await catalog.current_catalog(app))[0]

@@ -9,6 +9,7 @@ import json
 
 from aiohttp import web
 
+from services.gateway import multi_mint
 from services.gateway.billing_client import BillingClient
 from services.gateway.credentials import (
     Credential,
@@ -31,7 +32,7 @@ async def json_body(request: web.Request) -> dict:
         return {}
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deeply
         raise web.HTTPBadRequest(text=json.dumps({"detail": "Request body is not valid JSON"}),
                                  content_type="application/json") from None  # fmt: skip
     if not isinstance(body, dict):
@@ -106,6 +107,9 @@ class BalanceAPI:
         address = body.get("lightning_address")
         if address is not None and (not isinstance(address, str) or "@" not in address):
             return detail_error(400, "lightning_address must look like name@domain")
+        mint_url = body.get("mint_url", body.get("mint"))
+        if mint_url is not None and (not isinstance(mint_url, str) or not mint_url.startswith(("http://", "https://"))):
+            return detail_error(400, "mint_url must be the http(s) URL of one of the node's mints")
         xcashu = "X-Cashu" in request.headers
         try:
             cred = credential(request, allow_xcashu=True)
@@ -114,7 +118,7 @@ class BalanceAPI:
         try:
             if cred.mode == "cashu":
                 await self.billing.ensure_account(cred)
-            refunded = await self.billing.refund(cred.key_hash, address)
+            refunded = await self.billing.refund(cred.key_hash, address, mint_url.rstrip("/") if mint_url else None)
         except BusError as exc:
             if xcashu and exc.error.code == "unknown_key":
                 return detail_error(404, "Unknown payment token: it was never received by this node", "unknown_token")
@@ -126,13 +130,14 @@ class BalanceAPI:
                 "sats": str(sats), "msats": str(refunded.amount_msat),
             })  # fmt: skip
         headers = {"X-Cashu": refunded.token} if xcashu else {}
-        return web.json_response(
-            {
-                "token": refunded.token, "cashu_token": refunded.token, "refund_id": refunded.refund_id,
-                "sats": str(sats), "msats": str(refunded.amount_msat), "api_key": cred.api_key,
-            },
-            headers=headers,
-        )  # fmt: skip
+        answer = {
+            "token": refunded.token, "cashu_token": refunded.token, "refund_id": refunded.refund_id,
+            "sats": str(sats), "msats": str(refunded.amount_msat), "api_key": cred.api_key,
+        }  # fmt: skip
+        parts = multi_mint.per_mint(refunded.token)
+        if parts:  # cut from several mints: one V3 token holding all, and each mint's part on its own
+            answer["tokens"] = parts
+        return web.json_response(answer, headers=headers)
 
 
 BALANCE = web.AppKey("balance_api", BalanceAPI)

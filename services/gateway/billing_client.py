@@ -202,26 +202,13 @@ class BillingClient:
     def _msg_id(usage: bus.Usage) -> dict[str, str]:
         return {"Nats-Msg-Id": f"usage-{usage.request_id}"}
 
-    async def refund(self, key_hash: str, lightning_address: str | None = None) -> bus.Refunded:
-        """Pay out the key's balance; this gateway's grant on it is given back first (billing recalls
-        every other gateway's)."""
+    async def refund(
+        self, key_hash: str, lightning_address: str | None = None, mint_url: str | None = None
+    ) -> bus.Refunded:
+        """Pay out the key's balance (from `mint_url` when the client named one); this gateway's grant on
+        it is given back first (billing recalls every other gateway's)."""
         await self.quota.give_back(key_hash)
         return await request(
-            self.nc, bus.BILLING_REFUND, bus.Refund(key_hash, lightning_address), bus.Refunded, bus.MINT_TIMEOUT
+            self.nc, bus.BILLING_REFUND, bus.Refund(key_hash, lightning_address, mint_url), bus.Refunded,
+            bus.MINT_TIMEOUT,
         )
-
-
-def usage_from(body: dict) -> tuple[int, int, int, int] | None:
-    """(prompt, completion, cache_read, cache_write) tokens from an OpenAI `usage` object, any dialect."""
-    usage = body.get("usage") if isinstance(body, dict) else None
-    if not isinstance(usage, dict):
-        return None
-    try:
-        prompt = int(usage.get("prompt_tokens", usage.get("input_tokens", 0)) or 0)
-        completion = int(usage.get("completion_tokens", usage.get("output_tokens", 0)) or 0)
-        details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details") or {}
-        cache_read = int((details or {}).get("cached_tokens", 0) or usage.get("cache_read_input_tokens", 0) or 0)
-        cache_write = int(usage.get("cache_creation_input_tokens", 0) or 0)
-    except (TypeError, ValueError):
-        return None
-    return prompt, completion, cache_read, cache_write

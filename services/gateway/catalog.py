@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from services.gateway.errors import openai_error
+from services.gateway.payment_request import NODE_KEY
 from shared import bus, pricing
 from shared.messaging import BusError
 from shared.messaging import request as ask
@@ -128,6 +129,7 @@ async def _info(request: web.Request) -> web.Response:
             "http_url": settings.http_url,
             "onion_url": settings.onion_url,
             "child_key_cost_msats": 0,
+            "p2pk_pubkey": await request.app[NODE_KEY].get() or "",  # NUT-11: lock tokens to the node
             "models": models,
         }
     )

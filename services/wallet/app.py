@@ -15,6 +15,8 @@ from prometheus_client import CollectorRegistry
 
 from services.wallet import storage
 from services.wallet.ecash import Secrets
+from services.wallet.foreign import ForeignSwaps
+from services.wallet.locks import Locks, node_key
 from services.wallet.mints import Mints
 from services.wallet.node_wallet import NodeWallet
 from shared import bus, db, messaging
@@ -53,6 +55,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         stack.push_async_callback(session.close)
         mints = Mints(session, metrics, MINT_CALL_TIMEOUT)
         wallet = NodeWallet(pool, mints, secrets, settings.cashu_mints, metrics, session)
+        wallet.locks = Locks(node_key(secrets.derivation))
+        wallet.foreign = ForeignSwaps(wallet, pool, settings.cashu_foreign_max_sats, settings.cashu_foreign_hourly_sats)
         await wallet.holdings()  # sets the unspent gauges from the start
         sweeper = asyncio.create_task(_sweep(wallet))
         stack.push_async_callback(_cancel, sweeper)
@@ -78,6 +82,8 @@ async def _sweep(wallet: NodeWallet) -> None:
         try:
             await wallet.resolve_stale_issues(older_than=STALE_AFTER)
             await wallet.resolve_stale_payouts(older_than=STALE_AFTER)
+            if wallet.foreign is not None:
+                await wallet.foreign.resolve_stale(older_than=STALE_AFTER)
         except Exception:
             log.exception("settling pending operations failed")
 
@@ -103,5 +109,10 @@ def _handlers(wallet: NodeWallet) -> dict[str, Callable[[bus.Message], Awaitable
         bus.WALLET_HOLDINGS: expect(bus.HoldingsQuery, lambda m: wallet.holdings()),
         bus.WALLET_INVOICE: expect(bus.MintQuote, lambda m: wallet.invoice(m.amount_msat)),
         bus.WALLET_INVOICE_CHECK: expect(bus.MintQuoteCheck, lambda m: wallet.check_invoice(m.quote_id)),
+        bus.WALLET_PUBKEY: expect(bus.PubkeyQuery, lambda m: _pubkey(wallet)),
         bus.WALLET_PAY: expect(bus.Pay, lambda m: wallet.pay(m.amount_msat, m.idempotency_key, m.lightning_address)),
     }
+
+
+async def _pubkey(wallet: NodeWallet) -> bus.NodePubkey:
+    return bus.NodePubkey(wallet.locks.pubkey if wallet.locks else "")

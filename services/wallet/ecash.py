@@ -36,10 +36,21 @@ def _tame_cashu_import() -> Iterator[None]:
 
 
 with _tame_cashu_import():
-    from cashu.core.base import BlindedMessage, BlindedSignature, Proof, TokenV4, TokenV4Proof, TokenV4Token
+    from cashu.core.base import (
+        BlindedMessage,
+        BlindedSignature,
+        Proof,
+        TokenV3,
+        TokenV3Token,
+        TokenV4,
+        TokenV4Proof,
+        TokenV4Token,
+    )
     from cashu.core.crypto import b_dhke
     from cashu.core.crypto.keys import derive_keyset_short_id
     from cashu.core.crypto.secp import PrivateKey, PublicKey
+    from cashu.core.p2pk import P2PKSecret, SigFlags, schnorr_sign
+    from cashu.core.secret import Secret, SecretKind
     from cashu.core.split import amount_split
     from cashu.wallet.helpers import deserialize_token_from_string
     from cashu.wallet.secrets import WalletSecrets
@@ -55,7 +66,10 @@ def _to_logging(message) -> None:
 _loguru.remove()
 _loguru.add(_to_logging, level="WARNING")
 
-__all__ = ["BlindedMessage", "BlindedSignature", "Proof", "PublicKey"]
+__all__ = [
+    "BlindedMessage", "BlindedSignature", "P2PKSecret", "PrivateKey", "Proof", "PublicKey", "Secret", "SecretKind",
+    "SigFlags", "TokenV3", "schnorr_sign",
+]  # fmt: skip
 
 MAX_TOKEN_BYTES = 64 * 1024
 MAX_SATS = 21_000_000 * 100_000_000
@@ -176,6 +190,13 @@ def encode_token(mint_url: str, proofs: Sequence[Proof]) -> str:
     return TokenV4(m=mint_url, u="sat", t=groups).serialize()
 
 
+def encode_multi_mint_token(proofs_by_mint: dict[str, Sequence[Proof]]) -> str:
+    """A V3 (`cashuA`) token with one entry per mint (NUT-00), for a refund cut from several mints;
+    proofs carry their full keyset ids."""
+    entries = [TokenV3Token(mint=mint, proofs=list(proofs)) for mint, proofs in proofs_by_mint.items()]
+    return TokenV3(token=entries).serialize()
+
+
 class _Derivation(WalletSecrets):
     """cashu's own NUT-13 derivation (BIP-32 for 00 keysets, HMAC-SHA256 for 01), so any cashu
     wallet restoring from the node's mnemonic finds the same secrets."""
@@ -211,6 +232,11 @@ class Secrets:
 
     def __repr__(self) -> str:
         return "Secrets(<hidden>)"
+
+    @property
+    def derivation(self) -> WalletSecrets:
+        """The seed's BIP-32 derivation (`.bip32`), for keys other than outputs' (the P2PK key)."""
+        return self._derivation
 
     async def outputs(self, keyset_id: str, counter: int, amounts: Sequence[int]) -> list[Output]:
         if not amounts:

@@ -128,10 +128,7 @@ class MintClient:
         return min(active, key=lambda k: (k.input_fee_ppk, k.id))
 
     async def swap(self, inputs: Sequence[Proof], outputs: Sequence[BlindedMessage]) -> list[BlindedSignature]:
-        body = {
-            "inputs": [{"id": p.id, "amount": p.amount, "secret": p.secret, "C": p.C} for p in inputs],
-            "outputs": [{"amount": o.amount, "id": o.id, "B_": o.B_} for o in outputs],
-        }
+        body = {"inputs": _inputs(inputs), "outputs": [{"amount": o.amount, "id": o.id, "B_": o.B_} for o in outputs]}
         data = await self._call("swap", "POST", "swap", body)
         return [BlindedSignature(**s) for s in data.get("signatures", [])]
 
@@ -163,7 +160,7 @@ class MintClient:
         """NUT-05 melt with NUT-08 blank `outputs` for the unused fee reserve."""
         body = {
             "quote": quote_id,
-            "inputs": [{"id": p.id, "amount": p.amount, "secret": p.secret, "C": p.C} for p in inputs],
+            "inputs": _inputs(inputs),
             "outputs": [{"amount": o.amount, "id": o.id, "B_": o.B_} for o in outputs],
         }
         return await self._call("melt", "POST", "melt/bolt11", body)
@@ -174,6 +171,14 @@ class MintClient:
         data = await self._call("restore", "POST", "restore", body)
         signatures = data.get("signatures") or data.get("promises") or []
         return {o["B_"]: BlindedSignature(**s) for o, s in zip(data.get("outputs", []), signatures, strict=False)}
+
+
+def _inputs(proofs: Sequence[Proof]) -> list[dict]:
+    """Proofs as NUT-03/05 inputs; a NUT-11 witness (signature unlocking a P2PK lock) when there is one."""
+    return [
+        {"id": p.id, "amount": p.amount, "secret": p.secret, "C": p.C, **({"witness": p.witness} if p.witness else {})}
+        for p in proofs
+    ]
 
 
 def _parse_keys(keys: dict[str, str]) -> dict[int, PublicKey]:

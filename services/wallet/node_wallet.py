@@ -21,8 +21,10 @@ from collections.abc import AsyncIterator, Callable, Sequence
 import aiohttp
 import asyncpg
 
-from services.wallet import ecash, lnurl, storage
+from services.wallet import ecash, lnurl, split, storage
 from services.wallet.ecash import BlindedSignature, Keyset, Output, Proof
+from services.wallet.foreign import ForeignSwaps
+from services.wallet.locks import Locks
 from services.wallet.mints import (
     OUTPUTS_SIGNED,
     PROOFS_PENDING,
@@ -90,6 +92,8 @@ class NodeWallet:
         self._accepted = tuple(m.rstrip("/") for m in accepted)
         self._metrics = metrics
         self._locks = _KeyLocks()
+        self.foreign: ForeignSwaps | None = None  # set by the app when tokens of unlisted mints are swapped
+        self.locks: Locks | None = None  # NUT-11/12: set by the app to check DLEQs and sign P2PK locks
 
     @contextlib.asynccontextmanager
     async def _exclusive(self, name: str) -> AsyncIterator[asyncpg.Connection]:
@@ -111,6 +115,8 @@ class NodeWallet:
         except ecash.TokenError as exc:
             raise _fail("invalid_token", str(exc), 400) from None
         if token.mint_url not in self._accepted:
+            if self.foreign is not None and self.foreign.max_sats > 0 and self._accepted:  # swapped in over Lightning
+                return await self.foreign.redeem(raw, token, self._accepted[0])
             accepted = ", ".join(self._accepted) or "none"
             raise _fail(
                 "mint_not_accepted", f"tokens from {token.mint_url} are not accepted; accepted mints: {accepted}", 400
@@ -122,6 +128,7 @@ class NodeWallet:
                 return _redeemed(row, already=True)
             client = self._mints.get(token.mint_url)
             keysets = await self._keysets_for(client, token.proofs)
+            await self.unlock(client, token.proofs)
             fresh = row is None
             if fresh:
                 row = await self._plan_redemption(conn, client, token, token_hash, keysets)
@@ -167,6 +174,17 @@ class NodeWallet:
         if ecash.expand_keyset_ids(proofs, keysets):
             raise _fail("invalid_token", "the token's keyset is not a sat keyset of its mint", 400)
         return keysets
+
+    async def unlock(self, client: MintClient, proofs: Sequence[Proof]) -> None:
+        """NUT-12 DLEQ checks and NUT-11 signatures for the node's key, before any swap or melt; raises
+        BusError `invalid_token` (400) for a bad DLEQ or a lock the node cannot open."""
+        if self.locks is None or not any(p.dleq is not None or p.secret.startswith("[") for p in proofs):
+            return
+        keys = {kid: await self._keys(client, kid) for kid in {p.id for p in proofs}}
+        try:
+            self.locks.unlock(proofs, keys)
+        except ecash.TokenError as exc:
+            raise _fail("invalid_token", str(exc), 400) from None
 
     async def _plan_redemption(
         self,
@@ -215,7 +233,10 @@ class NodeWallet:
 
     # ---- issue ---------------------------------------------------------------------------------
 
-    async def issue(self, amount_msat: int, key: str, mint_url: str | None) -> bus.Issued:
+    async def issue(self, amount_msat: int, key: str, mint_url: str | None, split_ok: bool = True) -> bus.Issued:
+        """A token of floor(`amount_msat`/1000) sat, idempotent by `key`: from `mint_url` when it holds
+        enough, else from any mint that does, else (`split_ok`) one part per mint in one V3 token
+        (`split.py`). Raises BusError `insufficient_funds` (503) when the mints together hold too little."""
         sats = _whole_sats(amount_msat, key)
         async with self._exclusive(storage.issue_op(key)) as conn:
             row = await storage.get_issue(conn, key)
@@ -223,6 +244,8 @@ class NodeWallet:
                 return _issued(row, already=True)
             if row is not None:
                 return await self._resume_issue(conn, row)
+            if await split.parts_of(conn, key):  # a split refund was under way: finish it
+                return await split.issue_split(self, conn, key, sats)
             balances = await storage.balances(conn)
             candidates = [m for m, held in balances.items() if held >= sats]
             preferred = (mint_url or "").rstrip("/")
@@ -239,8 +262,14 @@ class NodeWallet:
                     continue
             if unavailable is not None:
                 raise _unavailable(unavailable)
-            held = sum(balances.values())
-            raise _fail("insufficient_funds", f"the wallet cannot cut {sats} sat (it holds {held} sat)", 503, 30)
+            if not split_ok:
+                raise self.insufficient(sats, sum(balances.values()))
+            return await split.issue_split(self, conn, key, sats)  # no one mint holds enough: one part each
+
+    @staticmethod
+    def insufficient(sats: int, held: int) -> BusError:
+        """The `insufficient_funds` refusal (503, retry in 30 s) for cutting `sats` while holding `held` sat."""
+        return _fail("insufficient_funds", f"the wallet cannot cut {sats} sat (it holds {held} sat)", 503, 30)
 
     async def _issue_from(self, conn: asyncpg.Connection, key: str, sats: int, client: MintClient) -> bus.Issued:
         """Cut the token from `client`'s proofs: exact proofs when they exist (no mint call, no fee),
@@ -449,7 +478,9 @@ class NodeWallet:
         inputs = await storage.pending_inputs(conn, storage.payout_op(key))
         if not inputs:
             try:
-                issued = await self.issue(row["inputs_sat"] * 1000, storage.payout_inputs_key(key), row["mint_url"])
+                issued = await self.issue(
+                    row["inputs_sat"] * 1000, storage.payout_inputs_key(key), row["mint_url"], split_ok=False
+                )
             except BusError:
                 await storage.drop_payout(conn, key)
                 raise
