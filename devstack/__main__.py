@@ -180,6 +180,8 @@ def main() -> int:
         if not settings.cashu_mints:
             print("  a dev token: .venv/bin/python -m devstack.token 100\n", flush=True)
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+        # Ctrl-C stops the node even when started as a background job of a script (which ignores SIGINT).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         while True:  # like an orchestrator: a service that dies is started again, with back-off
             supervisor.tick()
             time.sleep(0.2)

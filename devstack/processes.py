@@ -51,6 +51,8 @@ class Service:
     log_path: Path
     extra: dict[str, str] = field(default_factory=dict)
 
+    # Each runs in a session of its own (start_new_session), so a Ctrl-C at the terminal reaches only its
+    # owner, which stops it here after the services that use it have drained (NATS) and finished (Postgres).
     def stop(self, timeout: float = 10) -> None:
         if self.process.poll() is None:
             self.process.terminate()
@@ -62,18 +64,23 @@ class Service:
 
 
 def _wait(name: str, proc: subprocess.Popen, log_path: Path, ready: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{name} exited with {proc.returncode}; log: {log_path}\n{_tail(log_path)}")
-        try:
-            if ready():
-                return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError(f"{name} not ready after {timeout:g}s; log: {log_path}\n{_tail(log_path)}")
+    """Wait until `ready()`; on failure or an interrupt (Ctrl-C reaches only us) the process is killed."""
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode}; log: {log_path}\n{_tail(log_path)}")
+            try:
+                if ready():
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"{name} not ready after {timeout:g}s; log: {log_path}\n{_tail(log_path)}")
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
 
 
 def _tail(path: Path, lines: int = 20) -> str:
@@ -122,7 +129,8 @@ def start_nats(
         + bus.nats_authorization(passwords, unrestricted)
     )
     proc = subprocess.Popen(
-        [_binary("nats-server"), "-c", str(config)], stdout=log_path.open("wb"), stderr=subprocess.STDOUT
+        [_binary("nats-server"), "-c", str(config)], stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     _wait("nats", proc, log_path, lambda: _http_ok(f"http://127.0.0.1:{monitor}/healthz?js-enabled-only=true"), 15)
     return Service("nats", f"nats://127.0.0.1:{port}", proc, log_path, dict(passwords))
@@ -193,7 +201,7 @@ def start_postgres(
     proc = subprocess.Popen(
         [str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-k", str(workdir),
          "-c", "listen_addresses=127.0.0.1", *fast, "-c", "max_connections=300"],
-        stdout=log_path.open("wb"), stderr=subprocess.STDOUT, **creds,
+        stdout=log_path.open("wb"), stderr=subprocess.STDOUT, start_new_session=True, **creds,
     )  # fmt: skip
 
     def ready() -> bool:
@@ -233,7 +241,7 @@ def start_mint(workdir: Path, input_fee_ppk: int = 0, port: int | None = None, *
     # The mint reads `.env` from its working directory, so it gets a folder of its own.
     proc = subprocess.Popen(
         [sys.executable, "-m", "cashu.mint"], cwd=workdir, env=env,
-        stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
+        stdout=log_path.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     _wait("mint", proc, log_path, lambda: _http_ok(f"{url}/v1/keysets"), 60)
