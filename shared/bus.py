@@ -559,7 +559,7 @@ ANSWERS: dict[str, str] = {"billing": "billing.>", "wallet": "wallet.>", "discov
 ROLES: dict[str, Role] = {
     # Gateways reserve, settle, deposit, refund and read; operator commands are not theirs.
     "gateway": Role(
-        requests=("billing.>", "discovery.>"),
+        requests=("billing.>", "discovery.>", WALLET_PUBKEY),
         deny=(BILLING_CREATE_KEY, BILLING_RECONCILE),
         publishes=(USAGE_SUBJECT,),
         listens=(EVENT_CATALOG_CHANGED, QUOTA_RECALL),
@@ -578,7 +578,7 @@ ROLES: dict[str, Role] = {
         ),
     ),
     "wallet": Role(),
-    "discovery": Role(requests=(BILLING_MODELS,), listens=(EVENT_CATALOG_CHANGED,)),
+    "discovery": Role(requests=(BILLING_MODELS, WALLET_PUBKEY), listens=(EVENT_CATALOG_CHANGED,)),
     # The operator's commands (`python -m services.billing create-key|reconcile`, a provider change),
     # never the hot path, and never the providers' keys (BILLING_UPSTREAMS).
     "operator": Role(

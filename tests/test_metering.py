@@ -12,6 +12,7 @@ import asyncio
 import copy
 import json
 import math
+import secrets
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from devstack.upstream import create_app as create_upstream
 from services.gateway import metering, sse
 from services.gateway.metering import Meter, Tokens
 from tests.conftest import node_env, serve_app, start_node
+from tests.support import natsauth
 from tests.support.keys import funded_key, reconcile
 from tests.test_gateway import CHAT, auth, balance, settled_balance
 
@@ -87,7 +89,11 @@ CUTS = {"crlf_server": ("whole", "awkward", "bytes"), "unterminated_tail": ("who
 
 @pytest.fixture(scope="module")
 def module_nats(tmp_path_factory):
-    service = processes.start_nats(tmp_path_factory.mktemp("metering-nats"))
+    harness = secrets.token_urlsafe(16)
+    service = processes.start_nats(
+        tmp_path_factory.mktemp("metering-nats"), processes.nats_passwords(), {natsauth.HARNESS_USER: harness}
+    )
+    service.url = natsauth.harness_url(service.url, harness)
     yield service
     service.stop()
 
@@ -119,7 +125,7 @@ async def node(module_nats, postgres, upstream, mint, tmp_path_factory):
             }
         )
     )
-    env = node_env(module_nats.url, database, upstream, mint.url, PROVIDERS_PATH=str(providers), **PRICES)
+    env = node_env(module_nats, database, upstream, mint.url, PROVIDERS_PATH=str(providers), **PRICES)
     running = await start_node(env, ("billing", "wallet", "gateway"))
     yield running
     await running.stop()
