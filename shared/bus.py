@@ -217,8 +217,8 @@ class Reconciliation(msgspec.Struct, tag="reconciliation", frozen=True):
     revenue_msat: int
     fees_msat: int
     redeemed_msat: int
-    refunded_msat: int
-    paid_out_msat: int
+    refunded_msat: int  # refunds to users, as tokens or over Lightning
+    paid_out_msat: int  # the operator's revenue withdrawn (POST /admin/withdraw, automatic payouts)
     difference_msat: int  # owed + revenue + fees - (redeemed + granted - refunded - paid_out); must be 0
     wallet_unspent_msat: int
     covered: bool  # the wallet's unspent proofs cover the ecash the ledger says it holds
