@@ -583,8 +583,14 @@ ROLES: dict[str, Role] = {
     # never the hot path, and never the providers' keys (BILLING_UPSTREAMS).
     "operator": Role(
         requests=("billing.>", WALLET_HOLDINGS, "discovery.>"),
-        deny=(BILLING_RESERVE, BILLING_SETTLE, BILLING_DEPOSIT, BILLING_REFUND, BILLING_UPSTREAMS,
-              BILLING_CREDIT_CONTROL),
+        deny=(
+            BILLING_RESERVE,
+            BILLING_SETTLE,
+            BILLING_DEPOSIT,
+            BILLING_REFUND,
+            BILLING_UPSTREAMS,
+            BILLING_CREDIT_CONTROL,
+        ),
         publishes=(EVENT_PROVIDERS_CHANGED,),
     ),
 }
