@@ -361,7 +361,7 @@ class Ledger:
         )
         if row is None:
             raise LedgerError(fail("no_refund", "No refund for this key", 404))
-        return _refunded(row)
+        return _refunded(row, self.box)
 
     async def pending_refunds(self, older_than: float, limit: int = 100) -> list[tuple[PendingRefund, str]]:
         """Refunds pending for over `older_than` seconds, oldest first, with their key hashes."""
