@@ -104,8 +104,10 @@ def _start_dev_mint(workdir: Path) -> processes.Service:
             break
         time.sleep(0.1)
     else:
-        raise RuntimeError(f"the dev mint's port {port} (recorded in {port_file}) is taken by another program;"
-                           " tokens this node issued name that URL: free the port, or delete the file to move")
+        raise RuntimeError(
+            f"the dev mint's port {port} (recorded in {port_file}) is taken by another program;"
+            " tokens this node issued name that URL: free the port, or delete the file to move"
+        )
     mint = processes.start_mint(workdir, port=port)
     port_file.write_text(mint.url.rsplit(":", 1)[1])
     return mint
@@ -120,8 +122,11 @@ def main() -> int:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
     if settings.cashu_mints and not settings.upstream_base_url and not settings.providers_path:
-        print("configuration error: UPSTREAM_BASE_URL (or PROVIDERS_PATH) is required when CASHU_MINTS is set: the"
-              " demo upstream's canned answers are only sold for the dev mint's worthless ecash", file=sys.stderr)
+        print(
+            "configuration error: UPSTREAM_BASE_URL (or PROVIDERS_PATH) is required when CASHU_MINTS is set: the"
+            " demo upstream's canned answers are only sold for the dev mint's worthless ecash",
+            file=sys.stderr,
+        )
         return 2
     RUN_DIR.mkdir(exist_ok=True)
     started: list[processes.Service] = []

@@ -124,12 +124,14 @@ def start_nats(
     config = workdir / "nats.conf"
     config.touch(mode=0o600)
     config.write_text(
-        f"listen: \"127.0.0.1:{port}\"\nhttp: \"127.0.0.1:{monitor}\"\n"
+        f'listen: "127.0.0.1:{port}"\nhttp: "127.0.0.1:{monitor}"\n'
         f"jetstream {{ store_dir: {json.dumps(str(workdir / 'js'))} }}\n"
         + bus.nats_authorization(passwords, unrestricted)
     )
     proc = subprocess.Popen(
-        [_binary("nats-server"), "-c", str(config)], stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
+        [_binary("nats-server"), "-c", str(config)],
+        stdout=log_path.open("wb"),
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     _wait("nats", proc, log_path, lambda: _http_ok(f"http://127.0.0.1:{monitor}/healthz?js-enabled-only=true"), 15)

@@ -61,8 +61,10 @@ class Supervisor:
                 code = child.process.returncode
                 child.exits.append(code)
                 ran = now - child.started_at
-                child.delay = self.first_delay if ran >= self.stable_after or not child.delay else min(
-                    child.delay * 2, self.max_delay
+                child.delay = (
+                    self.first_delay
+                    if ran >= self.stable_after or not child.delay
+                    else min(child.delay * 2, self.max_delay)
                 )
                 child.restart_at = now + child.delay
                 self._say(f"{child.name} exited with {code} after {ran:.1f}s; restarting in {child.delay:g}s "

@@ -217,8 +217,8 @@ class Reconciliation(msgspec.Struct, tag="reconciliation", frozen=True):
     revenue_msat: int
     fees_msat: int
     redeemed_msat: int
-    refunded_msat: int
-    paid_out_msat: int
+    refunded_msat: int  # refunds to users, as tokens or over Lightning
+    paid_out_msat: int  # the operator's revenue withdrawn (POST /admin/withdraw, automatic payouts)
     difference_msat: int  # owed + revenue + fees - (redeemed + granted - refunded - paid_out); must be 0
     wallet_unspent_msat: int
     covered: bool  # the wallet's unspent proofs cover the ecash the ledger says it holds
@@ -583,8 +583,14 @@ ROLES: dict[str, Role] = {
     # never the hot path, and never the providers' keys (BILLING_UPSTREAMS).
     "operator": Role(
         requests=("billing.>", WALLET_HOLDINGS, "discovery.>"),
-        deny=(BILLING_RESERVE, BILLING_SETTLE, BILLING_DEPOSIT, BILLING_REFUND, BILLING_UPSTREAMS,
-              BILLING_CREDIT_CONTROL),
+        deny=(
+            BILLING_RESERVE,
+            BILLING_SETTLE,
+            BILLING_DEPOSIT,
+            BILLING_REFUND,
+            BILLING_UPSTREAMS,
+            BILLING_CREDIT_CONTROL,
+        ),
         publishes=(EVENT_PROVIDERS_CHANGED,),
     ),
 }

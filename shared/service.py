@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -157,6 +158,26 @@ class Command:
     arguments: Callable[[argparse.ArgumentParser], None] = lambda parser: None
 
 
+def _quiet_on_closed_pipe(run: Callable[[], int]) -> int:
+    """Run an operator command whose output may go to a pipe closed early (`... | head -1`): flush its
+    output and return its exit code; on BrokenPipeError point stdout at /dev/null (so the interpreter's
+    final flush cannot raise again) and return 1, quietly. The recipe of the Python docs' `signal`
+    module, "Note on SIGPIPE"."""
+    try:
+        code = run()
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+
+
+def _print_applied(service: str, applied: list[str]) -> int:
+    print(f"{service}: applied {len(applied)} migration(s): {', '.join(applied) or 'none pending'}")
+    return 0
+
+
 def main(
     service: str,
     build: Callable[[Settings], Awaitable[web.Application]],
@@ -181,7 +202,7 @@ def main(
         if args.command in (commands or {}):
             command = commands[args.command]
             require(settings, *command.needs)
-            sys.exit(command.run(settings, args))
+            sys.exit(_quiet_on_closed_pipe(lambda: command.run(settings, args)))
         if args.command == "migrate":
             require(settings, "DATABASE_URL")
             if migrations is None:
@@ -189,8 +210,7 @@ def main(
                 return
             db_tls = tls.database_context(settings)
             applied = asyncio.run(db.migrate_url(settings.database_url, service, migrations, db_tls))
-            print(f"{service}: applied {len(applied)} migration(s): {', '.join(applied) or 'none pending'}")
-            return
+            sys.exit(_quiet_on_closed_pipe(lambda: _print_applied(service, applied)))
         require(settings, *needs)
         uvloop.install()  # libuv's event loop: markedly less CPU per socket operation on the hot path
         web.run_app(

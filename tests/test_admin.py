@@ -185,6 +185,7 @@ async def test_withdraw_takes_only_the_operators_share_idempotently(make_node, h
     assert rows[0]["wallet_balance"] == 34_000 and rows[0]["owner_balance"] == before["owner_balance"] - 6000
     result = await reconcile(node.settings.nats_url)
     assert result.difference_msat == 0 and result.covered, result
+    assert (result.paid_out_msat, result.refunded_msat) == (6000, 0), result  # a payout, not a user's refund
 
     status, ledger = await call(http, "GET", f"{node.url}/admin/api/transactions?type=withdraw", token)
     assert status == 200 and ledger["total"] == 2 and ledger["transactions"][0]["amount"] == 3000
@@ -320,5 +321,6 @@ async def test_revenue_above_the_threshold_is_paid_to_the_lightning_address(
     assert payouts[0]["lightning_address"] == address and payouts[0]["amount"] >= 2 and quotes
     result = await reconcile(node.settings.nats_url)
     assert result.difference_msat == 0 and result.covered, result
+    assert result.paid_out_msat >= payouts[0]["amount"] * 1000 and result.refunded_msat == 0, result
     _, rows = await call(http, "GET", f"{node.url}/admin/api/balances", token)
     assert rows[0]["owner_balance"] < 2000 + 2000  # what is left is below threshold + fee reserve

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import secrets
 import sys
 import time
@@ -17,6 +18,8 @@ import uuid
 import asyncpg
 import pytest
 
+from devstack.processes import free_port
+from services.billing import catalog
 from shared import bus
 from shared.messaging import BusError, connect, request
 
@@ -236,6 +239,22 @@ async def test_catalog_prices_aliases_and_model_errors(billing, nc, tmp_path):
     assert capped.reserved_msat == 1056 + 1056  # the model's own max completion tokens (100)
     await fails(reserve(nc, key, model="no/such-model"), "model_not_found", 404)
     await fails(reserve(nc, key, model="openai/gpt-4o"), "model_not_found", 404)
+
+
+@pytest.mark.parametrize("fixed", [True, False])
+async def test_no_live_rate_warns_only_when_models_cannot_be_priced(billing, nc, monkeypatch, caplog, fixed):
+    # Offline: every rate source refuses (a closed loopback port), no rate is configured or cached.
+    dead = f"http://127.0.0.1:{free_port()}/ticker"
+    monkeypatch.setattr(catalog, "RATE_SOURCES", ((dead, lambda d: d["price"]),))
+    caplog.set_level(logging.WARNING, logger=catalog.__name__)
+    await billing(**{**(FIXED if fixed else {}), "BTC_USD_RATE": ""})
+    models = (await request(nc, bus.BILLING_MODELS, bus.ModelsQuery(), bus.Catalog)).models
+    warnings = [r.getMessage() for r in caplog.records if "no live BTC/USD rate" in r.getMessage()]
+    if fixed:  # every model is priced in sats: the rate is not needed, nothing to warn about
+        assert models and all(m.price.prompt_msat_per_m for m in models) and warnings == []
+    else:  # the upstream's models are priced in USD: without a rate they cannot be sold
+        assert not [m for m in models if m.price.prompt_msat_per_m]
+        assert warnings and "cannot be priced" in warnings[0]
 
 
 @pytest.mark.parametrize(

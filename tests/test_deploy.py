@@ -176,8 +176,10 @@ def test_values_schema_rejects_typos_and_misplaced_secrets(values):
     "values",
     [
         {},  # the chart's defaults: no NATS, mint, upstream or database
-        {"config": {"NATS_URL": "", "CASHU_MINTS": "https://m", "UPSTREAM_BASE_URL": "https://u"},
-         "existingSecret": "s"},
+        {
+            "config": {"NATS_URL": "", "CASHU_MINTS": "https://m", "UPSTREAM_BASE_URL": "https://u"},
+            "existingSecret": "s",
+        },
         {"config": {"NATS_URL": "nats://n:4222", "CASHU_MINTS": "https://m"}, "existingSecret": "s"},  # no upstream
         {"config": {"NATS_URL": "nats://n:4222", "CASHU_MINTS": "https://m", "UPSTREAM_BASE_URL": "https://u"}},
         {**WORKING, "providers": [{"provider_type": "openai", "api_key": "sk-in-values"}]},  # keys go in Secrets

@@ -174,9 +174,10 @@ async def assert_nothing_stuck(node: Node, load: Load, payer: ClientWallet) -> N
     try:
         deadline = time.monotonic() + SETTLE_WITHIN
         while True:
-            open_, pending = await db.fetchval(
-                "SELECT count(*) FROM billing.reservations WHERE state = 'open'"
-            ), await db.fetchval("SELECT count(*) FROM billing.refunds WHERE state = 'pending'")
+            open_, pending = (
+                await db.fetchval("SELECT count(*) FROM billing.reservations WHERE state = 'open'"),
+                await db.fetchval("SELECT count(*) FROM billing.refunds WHERE state = 'pending'"),
+            )
             if open_ == 0 and pending == 0:
                 break
             assert time.monotonic() < deadline, f"{open_} reservations open, {pending} refunds pending"

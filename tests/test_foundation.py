@@ -124,6 +124,20 @@ def test_unreachable_postgres_at_start_fails_clearly(nats_server):
     assert "DATABASE_URL: not reachable" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_command_writing_to_a_closed_pipe_exits_quietly():
+    # `python -m services.gateway openapi | head -1`: the document (>100 KiB) outgrows the pipe's buffer,
+    # so the reader closing early makes the command's writes fail with EPIPE.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.gateway", "openapi"], env={"PATH": "/usr/bin:/bin"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout.read(1) == b"{"
+    proc.stdout.close()
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 1
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
+
+
 def test_secrets_are_scrubbed_from_log_lines():
     import logging
 

@@ -165,9 +165,14 @@ async def stubs():
     ollama, ollama_url = await serve_app(ollama_app())
     found = {
         "a": await start_stub("key-a", (("m-shared", 64_000, "0.000001", "0.000002"),)),
-        "b": await start_stub("key-b", (("m-shared", 64_000, "0.000003", "0.000006"),
-                                        ("m-only-b", 64_000, "0.000001", "0.000001"),
-                                        ("m-hidden", 64_000, "0.000001", "0.000001"))),
+        "b": await start_stub(
+            "key-b",
+            (
+                ("m-shared", 64_000, "0.000003", "0.000006"),
+                ("m-only-b", 64_000, "0.000001", "0.000001"),
+                ("m-hidden", 64_000, "0.000001", "0.000001"),
+            ),
+        ),
         "c": await start_stub("key-c", (("gpt-4o-mini", 0, "", ""), ("my-finetune-xyz", 0, "", "")), priced=False),
         "d": await start_stub("key-d", (("claude-sonnet-4-5", 0, "", ""),), flavor="anthropic"),
         "e": Stub(ollama_app(), ollama, ollama_url),
@@ -191,8 +196,14 @@ async def node(nats_server, database, mint, stubs, tmp_path, monkeypatch):
         {"slug": "e", "provider_type": "ollama", "base_url": f"{stubs['e'].url}/v1"},
     ]}))  # fmt: skip
     models = tmp_path / "models.json"
-    models.write_text(json.dumps([{"id": "m-hidden", "enabled": False},
-                                  {"id": "llama3.2:latest", "pricing": {"prompt": "1e-7", "completion": "2e-7"}}]))
+    models.write_text(
+        json.dumps(
+            [
+                {"id": "m-hidden", "enabled": False},
+                {"id": "llama3.2:latest", "pricing": {"prompt": "1e-7", "completion": "2e-7"}},
+            ]
+        )
+    )
     env = node_env(nats_server.url, database, "", mint.url, PROVIDERS_PATH=str(providers), MODELS_PATH=str(models),
                    UPSTREAM_API_KEY="", UPSTREAM_COOLDOWN="1", UPSTREAM_FIRST_BYTE_TIMEOUT="1")  # fmt: skip
     started = await start_node(env, ("billing", "gateway"))

@@ -81,7 +81,12 @@ async def broken_lnurl():
 
 
 async def test_failed_lightning_refund_goes_back_to_the_balance_and_can_go_elsewhere(
-    make_node, http, client_wallet, fee_mint, lnurl_service, broken_lnurl  # noqa: F811
+    make_node,
+    http,
+    client_wallet,
+    fee_mint,
+    lnurl_service,  # noqa: F811 (the fixture imported above)
+    broken_lnurl,
 ):
     node = await make_node(CORE, **PRICES, **FAST)
     await create_key(http, node, await client_wallet.token(50))  # the wallet's float for Lightning fees

@@ -313,11 +313,13 @@ class Accounts:
     async def reconcile(self) -> bus.Reconciliation:
         """Prove the books: the keys table against the ledger, and the wallet's ecash against both."""
         books = await self.ledger.books()
-        owed = books.pop("owed")
+        owed, withdrawn = books.pop("owed"), books.pop("withdrawn")
         revenue, fees = books.get("revenue", 0), books.get("fees:mint", 0)
         redeemed, granted = -books.get("ecash:in", 0), -books.get("operator:grants", 0)
         lightning_in = -books.get("lightning:in", 0)  # paid invoices: minted into the wallet like redeemed tokens
-        refunded, paid_out = books.get("ecash:out", 0), books.get("lightning:out", 0)
+        # Out as tokens or over Lightning: the operator's withdrawals are payouts, the rest users' refunds.
+        refunded = books.get("ecash:out", 0) + books.get("lightning:out", 0) - withdrawn
+        paid_out = withdrawn
         difference = owed + revenue + fees - (redeemed + lightning_in + granted - refunded - paid_out)
         try:
             holdings = await request(self.nc, bus.WALLET_HOLDINGS, bus.HoldingsQuery(), bus.Holdings, bus.MINT_TIMEOUT)

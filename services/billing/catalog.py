@@ -101,6 +101,7 @@ class Catalog:
         self.btc_usd: Decimal | None = settings.btc_usd_rate
         self.current = bus.Catalog((), "0", settings.fixed_pricing, "")
         self._by_id: dict[str, bus.ModelEntry] = {}
+        self._usd_priced: set[str] = set()  # ids of models whose price depends on the BTC/USD rate
         self.fixed = pricing.fixed_price(
             settings.fixed_cost_per_request, settings.fixed_per_1k_input_tokens, settings.fixed_per_1k_output_tokens
         )
@@ -109,8 +110,13 @@ class Catalog:
         """Rebuild from the providers, their model lists and the rate; True when anything a client or gateway sees
         changed."""
         await self._load_providers()
-        await asyncio.gather(self._fetch_lists(), self._fetch_rate())
+        _, live_rate = await asyncio.gather(self._fetch_lists(), self._fetch_rate())
         models = self._build(await self.store.all_models())
+        if not live_rate and self._usd_priced:
+            log.warning(
+                "no live BTC/USD rate; %d model(s) priced in USD %s", len(self._usd_priced),
+                "use the cached rate" if self.btc_usd else "cannot be priced",
+            )  # fmt: skip
         rate = str(self.btc_usd or 0)
         digest = hashlib.sha256(
             bus.encode(bus.Catalog(models, rate, self.settings.fixed_pricing, "")) + bus.encode(self.upstreams)
@@ -226,9 +232,12 @@ class Catalog:
 
     def _build(self, overrides: dict[int, list[dict]]) -> tuple[bus.ModelEntry, ...]:
         offers: dict[str, list[tuple[Provider, dict, bus.Price | None, dict, str]]] = {}
+        self._usd_priced = set()
         for provider in self._routable():
             for model, operator in self._offers(provider, overrides.get(provider.id or 0, [])):
                 usd, reason = self._usd(provider, model, operator)
+                if usd is not None and not self.settings.fixed_pricing:
+                    self._usd_priced.add(model["id"])
                 if self.settings.fixed_pricing:
                     price, reason = self.fixed, ""
                 elif usd is not None and self.btc_usd:
@@ -273,10 +282,12 @@ class Catalog:
             enabled=bool(routes), disabled_reason=reason, routes=routes,
         )  # fmt: skip
 
-    async def _fetch_rate(self) -> None:
+    async def _fetch_rate(self) -> bool:
+        """Set `btc_usd` from BTC_USD_RATE, else the first live source, else the cached rate (or leave it None);
+        True unless the live sources all failed."""
         if self.settings.btc_usd_rate is not None:
             self.btc_usd = self.settings.btc_usd_rate
-            return
+            return True
         for url, pick in RATE_SOURCES:
             try:
                 async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=3)) as response:
@@ -287,13 +298,13 @@ class Catalog:
                         "INSERT INTO billing.state (name, value) VALUES ('btc_usd', $1)"
                         " ON CONFLICT (name) DO UPDATE SET value = $1, updated_at = now()", str(rate),
                     )  # fmt: skip
-                    return
+                    return True
             except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError, InvalidOperation):
                 continue
         cached = await self.pool.fetchval("SELECT value FROM billing.state WHERE name = 'btc_usd'")
         if cached:
             self.btc_usd = Decimal(cached)
-        log.warning("no live BTC/USD rate; using %s", "the cached one" if cached else "none (models cannot be priced)")
+        return False
 
 
 def _usd_fields(prices: Mapping[str, Any], model_id: str) -> dict[str, Decimal]:

@@ -361,7 +361,7 @@ class Ledger:
         )
         if row is None:
             raise LedgerError(fail("no_refund", "No refund for this key", 404))
-        return _refunded(row)
+        return _refunded(row, self.box)
 
     async def pending_refunds(self, older_than: float, limit: int = 100) -> list[tuple[PendingRefund, str]]:
         """Refunds pending for over `older_than` seconds, oldest first, with their key hashes."""
@@ -377,7 +377,9 @@ class Ledger:
     # ---- reconcile -------------------------------------------------------------------------
 
     async def books(self) -> dict[str, int]:
-        """Account balances from the ledger alone, plus what the keys table says users hold.
+        """Account balances from the ledger alone (msat by account name), plus `owed` (what the keys table says
+        users hold) and `withdrawn` (the operator's revenue taken out, net of cancelled withdrawals; it left
+        through ecash:out or lightning:out like a user's refund).
 
         Both are read from one snapshot (a read-only REPEATABLE READ transaction): every movement
         updates the keys and appends its ledger rows in one transaction, so a snapshot sees each
@@ -393,8 +395,12 @@ class Ledger:
                 " WHERE account NOT LIKE 'user:%' AND account NOT LIKE 'held:%' GROUP BY account"
             )
             owed = await conn.fetchval("SELECT coalesce(sum(balance_msat), 0) FROM billing.keys")
+            withdrawn = await conn.fetchval(
+                "SELECT coalesce(sum(CASE kind WHEN 'withdraw' THEN amount_msat ELSE -amount_msat END), 0)"
+                " FROM billing.ledger WHERE kind IN ('withdraw', 'withdraw_cancel')"
+            )
         balances = {r["account"]: int(r["balance"]) for r in rows}
-        return {"owed": int(owed), **balances}
+        return {"owed": int(owed), "withdrawn": int(withdrawn), **balances}
 
 
 class _Repeat(Exception):

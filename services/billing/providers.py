@@ -77,9 +77,7 @@ class Provider(msgspec.Struct, frozen=True, kw_only=True):
             return self.api_key
         value = environ.get(self.api_key_env, "").strip()
         if not value:
-            raise ConfigError(
-                f"provider {self.slug}: api_key_env: environment variable {self.api_key_env} is not set"
-            )
+            raise ConfigError(f"provider {self.slug}: api_key_env: environment variable {self.api_key_env} is not set")
         return value
 
     def redacted(self) -> dict[str, Any]:

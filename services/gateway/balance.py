@@ -139,7 +139,6 @@ class BalanceAPI:
             answer["tokens"] = parts
         return web.json_response(answer, headers=headers)
 
-
     async def _refund(self, cred: Credential, address: str | None, mint_url: str | None) -> bus.Refunded:
         """Refund the key; for an X-Cashu payment billing has no record of (the call failed while the mint,
         the wallet or billing was down), first finish crediting it if the wallet took the token's proofs:

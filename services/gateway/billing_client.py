@@ -208,10 +208,12 @@ class BillingClient:
         it is given back first (billing recalls every other gateway's)."""
         await self.quota.give_back(key_hash)
         return await request(
-            self.nc, bus.BILLING_REFUND, bus.Refund(key_hash, lightning_address, mint_url), bus.Refunded,
+            self.nc,
+            bus.BILLING_REFUND,
+            bus.Refund(key_hash, lightning_address, mint_url),
+            bus.Refunded,
             bus.MINT_TIMEOUT,
         )
-
 
     async def refund_status(self, key_hash: str) -> bus.Refunded:
         """The key's latest refund: pending, paid, or failed (its amount back on the balance)."""
