@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import itertools
+import secrets
 import shutil
 import signal
 import tempfile
@@ -18,6 +19,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aiohttp
 import asyncpg
@@ -27,6 +29,7 @@ from devstack import processes
 from devstack.client_wallet import ClientWallet
 from shared import bus, messaging
 from tests.conftest import node_env
+from tests.support import natsauth
 from tests.support.cluster import Cluster, Proc, wait_ready
 from tests.support.faults import signal_tree
 from tests.support.keys import funded_key, reconcile
@@ -68,9 +71,10 @@ class Node:
         self.procs[service] = await self.cluster.start(service, f"{service}-{time.monotonic_ns()}", **{var: port})
 
 
-async def start_node(tmp_path: Path, nats_url: str, database_url: str, mint_url: str, upstream: str) -> Node:
-    cluster = Cluster(node_env(nats_url, database_url, upstream, mint_url, **PRICES, **FAST), tmp_path)
-    node = Node(cluster, nats_url, database_url, mint_url)
+async def start_node(tmp_path: Path, nats: processes.Service, database_url: str, mint_url: str, upstream: str) -> Node:
+    """Billing, wallet and gateway as processes, each on the bus as its own role (`nats` is the harness's NATS)."""
+    cluster = Cluster(node_env(nats, database_url, upstream, mint_url, **PRICES, **FAST), tmp_path)
+    node = Node(cluster, nats.url, database_url, mint_url)
     procs = await cluster.start_all(("billing", "billing"), ("wallet", "wallet"), ("gateway", "gateway"))
     node.procs = dict(zip(("billing", "wallet", "gateway"), procs, strict=True))
     return node
@@ -209,7 +213,10 @@ async def assert_nothing_stuck(node: Node, load: Load, payer: ClientWallet) -> N
 
 @pytest.fixture
 async def own_nats(tmp_path):
-    nats = processes.start_nats(tmp_path / "nats")
+    """NATS with the bus's users, as conftest's `nats_server`; `url` carries the harness user's credentials."""
+    harness = secrets.token_urlsafe(16)
+    nats = processes.start_nats(tmp_path / "nats", processes.nats_passwords(), {natsauth.HARNESS_USER: harness})
+    nats.url = natsauth.harness_url(nats.url, harness)
     yield nats
     signal_tree(nats.process.pid, signal.SIGCONT)
     nats.stop()
@@ -240,7 +247,7 @@ async def own_postgres():
 
 
 async def test_kill_9_of_each_service_under_load(tmp_path, own_nats, database, upstream, mint, client_wallet):
-    node = await start_node(tmp_path, own_nats.url, database, mint.url, upstream)
+    node = await start_node(tmp_path, own_nats, database, mint.url, upstream)
     try:
         for service in ("billing", "wallet", "gateway"):
 
@@ -257,7 +264,7 @@ async def test_kill_9_of_each_service_under_load(tmp_path, own_nats, database, u
 
 
 async def test_nats_paused_then_killed_and_restarted(tmp_path, own_nats, database, upstream, mint, client_wallet):
-    node = await start_node(tmp_path, own_nats.url, database, mint.url, upstream)
+    node = await start_node(tmp_path, own_nats, database, mint.url, upstream)
     port = int(own_nats.url.rsplit(":", 1)[1])
 
     async def pause() -> None:
@@ -269,7 +276,8 @@ async def test_nats_paused_then_killed_and_restarted(tmp_path, own_nats, databas
         own_nats.process.kill()
         own_nats.process.wait()
         await asyncio.sleep(2)
-        own_nats.process = processes.start_nats(tmp_path / "nats", port=port).process
+        harness = {natsauth.HARNESS_USER: urlsplit(own_nats.url).password}
+        own_nats.process = processes.start_nats(tmp_path / "nats", own_nats.extra, harness, port=port).process
 
     try:
         for fault in (pause, kill):
@@ -282,7 +290,7 @@ async def test_nats_paused_then_killed_and_restarted(tmp_path, own_nats, databas
 async def test_postgres_paused_then_killed_and_restarted(tmp_path, own_nats, own_postgres, upstream, mint,
                                                          client_wallet):  # fmt: skip
     database = own_postgres.url.rsplit("/", 1)[0] + "/node"
-    node = await start_node(tmp_path, own_nats.url, database, mint.url, upstream)
+    node = await start_node(tmp_path, own_nats, database, mint.url, upstream)
     port = int(own_postgres.url.rsplit(":", 1)[1].split("/")[0])
     workdir = own_postgres.log_path.parent
 
@@ -307,7 +315,7 @@ async def test_postgres_paused_then_killed_and_restarted(tmp_path, own_nats, own
 
 async def test_mint_paused_then_killed_and_restarted(tmp_path, own_nats, database, upstream, own_mint):
     payer = ClientWallet(own_mint.url)
-    node = await start_node(tmp_path, own_nats.url, database, own_mint.url, upstream)
+    node = await start_node(tmp_path, own_nats, database, own_mint.url, upstream)
     port = int(own_mint.url.rsplit(":", 1)[1])
 
     async def pause() -> None:
