@@ -38,6 +38,7 @@ WALLET_INVOICE_CHECK = "wallet.invoice.check"  # MintQuoteCheck -> MintQuoteStat
 WALLET_PUBKEY = "wallet.pubkey"  # PubkeyQuery -> NodePubkey (the NUT-11 key tokens may be locked to)
 DISCOVERY_INFO = "discovery.info"  # InfoQuery -> NodeIdentity
 DISCOVERY_PROVIDERS = "discovery.providers"  # ProvidersQuery -> Providers
+DISCOVERY_IDENTITY_SET = "discovery.identity.set"  # IdentitySet -> NodeIdentity | Error (operator command)
 
 # Quota grants (RFC 4006 credit control): billing grants a gateway units of a key's balance, which the
 # gateway spends locally; the usage it reports settles in batches from the usage stream.
@@ -47,6 +48,9 @@ QUOTA_RECALL = "quota.recall"  # Recall, core NATS fan-out to every gateway (RFC
 
 # Events (core NATS): the catalog changed, so discovery republishes and gateways drop caches.
 EVENT_CATALOG_CHANGED = "events.catalog.changed"
+# Discovery changed the node's Nostr key (admin PATCH /admin/api/nsec): gateways drop the cached npub,
+# other discovery replicas load the stored key. Carries no body.
+EVENT_IDENTITY_CHANGED = "events.identity.changed"
 
 # Upstream providers (services/billing/providers.py owns the store). Whoever changes a provider publishes
 # EVENT_PROVIDERS_CHANGED; billing then rebuilds the catalog (and announces EVENT_CATALOG_CHANGED).
@@ -460,6 +464,16 @@ class NodeIdentity(msgspec.Struct, tag="node_identity", frozen=True):
     provider_id: str
 
 
+class IdentitySet(msgspec.Struct, tag="identity_set", frozen=True):
+    """Replace the node's Nostr key: `nsec` is `nsec1…` or 64 hex; empty drops the key set this way
+    (back to NSEC, else a freshly generated key). Never logged or echoed."""
+
+    nsec: str = ""
+
+    def __repr__(self) -> str:
+        return "IdentitySet(nsec=[REDACTED])"
+
+
 class ProvidersQuery(msgspec.Struct, tag="providers_query", frozen=True):
     pass
 
@@ -506,7 +520,7 @@ Message = (
     | ModelsQuery | Catalog | ReconcileQuery | Reconciliation | InvoiceCreate | InvoiceQuery | InvoiceInfo
     | MintQuote | MintQuoteCheck | MintQuoteState
     | Redeem | Redeemed | Issue | Issued | Pay | Paid | HoldingsQuery | Holdings | PubkeyQuery | NodePubkey
-    | InfoQuery | NodeIdentity | ProvidersQuery | Providers
+    | InfoQuery | NodeIdentity | ProvidersQuery | Providers | IdentitySet
     | RefundQuery | PayoutAbort | PayoutOutcome
     | CreditControl | QuotaAnswer | RateQuery | Rating | Recall | UsageBatch
     | AdminCall | AdminAnswer
@@ -560,14 +574,14 @@ ROLES: dict[str, Role] = {
     # Gateways reserve, settle, deposit, refund and read; operator commands are not theirs.
     "gateway": Role(
         requests=("billing.>", "discovery.>", WALLET_PUBKEY),
-        deny=(BILLING_CREATE_KEY, BILLING_RECONCILE),
+        deny=(BILLING_CREATE_KEY, BILLING_RECONCILE, DISCOVERY_IDENTITY_SET),
         publishes=(USAGE_SUBJECT,),
-        listens=(EVENT_CATALOG_CHANGED, QUOTA_RECALL),
+        listens=(EVENT_CATALOG_CHANGED, QUOTA_RECALL, EVENT_IDENTITY_CHANGED),
         jetstream=_USAGE_STREAM_ADMIN,
     ),
     # Billing alone asks the wallet to redeem, issue and pay; it consumes the usage stream.
     "billing": Role(
-        requests=("wallet.>",),
+        requests=("wallet.>", DISCOVERY_IDENTITY_SET),  # the admin API's PATCH /admin/api/nsec
         publishes=(EVENT_CATALOG_CHANGED, EVENT_PROVIDERS_CHANGED, QUOTA_RECALL),
         listens=(EVENT_PROVIDERS_CHANGED,),
         jetstream=(
@@ -578,7 +592,11 @@ ROLES: dict[str, Role] = {
         ),
     ),
     "wallet": Role(),
-    "discovery": Role(requests=(BILLING_MODELS, WALLET_PUBKEY), listens=(EVENT_CATALOG_CHANGED,)),
+    "discovery": Role(
+        requests=(BILLING_MODELS, WALLET_PUBKEY),
+        publishes=(EVENT_IDENTITY_CHANGED,),
+        listens=(EVENT_CATALOG_CHANGED, EVENT_IDENTITY_CHANGED),
+    ),
     # The operator's commands (`python -m services.billing create-key|reconcile`, a provider change),
     # never the hot path, and never the providers' keys (BILLING_UPSTREAMS).
     "operator": Role(

@@ -30,7 +30,9 @@ async def test_document_is_valid_openapi_31_and_lists_every_admin_route(make_nod
 
 
 async def test_fuzzed_node_answers_as_documented(make_node, http, tmp_path):
-    node = await make_node(("billing", "gateway"), ADMIN_PASSWORD=PASSWORD, RATE_LIMIT_PER_MINUTE="0")
+    # With discovery, so PATCH /admin/api/nsec is answered; the keys it sets live in this test's own
+    # database and NATS only.
+    node = await make_node(("billing", "discovery", "gateway"), ADMIN_PASSWORD=PASSWORD, RATE_LIMIT_PER_MINUTE="0")
     token = await login(http, node.url)
     proc = await asyncio.create_subprocess_exec(
         str(ST), "run", f"{node.url}/openapi.json", "--checks", CHECKS, "--max-examples", "4",

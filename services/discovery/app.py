@@ -9,7 +9,7 @@ from pathlib import Path
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from services.discovery.identity import Clock, parse_nsec, stored_keys
+from services.discovery.identity import Clock, KeyStore, parse_nsec
 from services.discovery.node import Discovery
 from services.discovery.relays import Relays
 from shared import db, messaging, tls
@@ -26,7 +26,8 @@ async def create_app(settings: Settings) -> web.Application:
     keys = parse_nsec(settings.nsec) if settings.nsec else None
     if keys is None and not settings.database_url:
         raise ConfigError("NSEC: not set, and there is no DATABASE_URL to keep a generated key in")
-    box = SecretBox.from_settings(settings) if keys is None else None  # the generated key is stored sealed
+    # Generated and admin-set keys are stored sealed; with NSEC and no SECRETS_KEY, only NSEC is used.
+    box = SecretBox.from_settings(settings) if keys is None or settings.secrets_key else None
     registry = CollectorRegistry()
     metrics = DiscoveryMetrics(registry)
     app = ops_app(settings, registry)
@@ -43,7 +44,8 @@ async def create_app(settings: Settings) -> web.Application:
                 app[POOL] = pool
                 async with pool.acquire() as conn:
                     await db.migrate(conn, "discovery", MIGRATIONS)
-            node_keys = keys or await stored_keys(pool, box)
+            store = KeyStore(pool, box, keys)
+            node_keys = await store.current()
             nc = await retry_start("NATS_URL", lambda: messaging.connect_service(settings, "discovery"))
             stack.push_async_callback(nc.drain)
             app[NC] = nc
@@ -51,7 +53,7 @@ async def create_app(settings: Settings) -> web.Application:
             relays = Relays(node_keys, settings.relays, Clock(pool), metrics)
             await relays.start()
             stack.push_async_callback(relays.stop)
-            discovery = Discovery(settings, node_keys, relays)
+            discovery = Discovery(settings, node_keys, relays, store)
             await discovery.start(nc)
             stack.push_async_callback(discovery.stop)
             yield

@@ -11,10 +11,10 @@ from nats.errors import Error as NatsError
 from nostr_sdk import Keys
 
 from services.discovery import announcement
-from services.discovery.identity import provider_id
+from services.discovery.identity import KeyStore, provider_id
 from services.discovery.relays import Relays
 from shared import bus
-from shared.config import Settings
+from shared.config import ConfigError, Settings
 from shared.messaging import BusError, Responder, request
 
 log = logging.getLogger(__name__)
@@ -24,12 +24,13 @@ CATALOG_RETRY_MAX = 30.0  # longest wait between attempts while billing does not
 
 
 class Discovery:
-    def __init__(self, settings: Settings, keys: Keys, relays: Relays):
+    def __init__(self, settings: Settings, keys: Keys, relays: Relays, store: KeyStore):
         self.settings = settings
         self.relays = relays
-        self.identity = bus.NodeIdentity(
-            npub=keys.public_key().to_bech32(), provider_id=provider_id(settings.provider_id, keys)
-        )
+        self.store = store
+        self.identity = self._identity_of(keys)
+        self._nc: NATS | None = None
+        self._key_lock = asyncio.Lock()
         self.version = announcement.node_version()
         self.catalog: bus.Catalog | None = None
         self.p2pk_pubkey = ""  # the wallet's NUT-11 key, announced once the wallet tells it
@@ -40,7 +41,10 @@ class Discovery:
         responder = Responder(nc, "discovery")
         await responder.serve(bus.DISCOVERY_INFO, self._info)
         await responder.serve(bus.DISCOVERY_PROVIDERS, self._providers)
+        await responder.serve(bus.DISCOVERY_IDENTITY_SET, self._set_identity)
         await nc.subscribe(bus.EVENT_CATALOG_CHANGED, cb=self._on_catalog_changed)  # every replica hears it
+        await nc.subscribe(bus.EVENT_IDENTITY_CHANGED, cb=self._on_identity_changed)
+        self._nc = nc
         if not announcement.public_urls(self.settings):
             log.warning("not announcing on Nostr: neither HTTP_URL nor ONION_URL is set, so clients could not reach us")
         elif not self.settings.relays:
@@ -61,6 +65,47 @@ class Discovery:
         self.relays.announce(
             announcement.build(self.settings, self.identity.provider_id, self.version, self.catalog, self.p2pk_pubkey)
         )
+
+    def _identity_of(self, keys: Keys) -> bus.NodeIdentity:
+        return bus.NodeIdentity(
+            npub=keys.public_key().to_bech32(), provider_id=provider_id(self.settings.provider_id, keys)
+        )
+
+    def _use(self, keys: Keys) -> None:
+        """Swap the node's key live: answers, the signer and the announcement (its `d` tag may change)."""
+        identity = self._identity_of(keys)
+        if identity == self.identity:
+            return
+        self.identity = identity
+        self.relays.use_keys(keys)
+        self._announce()
+        log.info("the node's Nostr identity is now %s", identity.npub)
+
+    async def _set_identity(self, message: bus.Message) -> bus.NodeIdentity | bus.Error:
+        """The admin API's PATCH /admin/api/nsec: keep the key (sealed), sign with it, tell the others."""
+        if not isinstance(message, bus.IdentitySet):
+            return bus.Error("bad_message", "discovery.identity.set answers IdentitySet only", 400)
+        if not self.store.settable:
+            return bus.Error(
+                "not_settable", "The Nostr key can be set here only with DATABASE_URL and SECRETS_KEY", 409
+            )
+        async with self._key_lock:
+            try:
+                keys = await self.store.replace(message.nsec)
+            except ConfigError:
+                return bus.Error("invalid_nsec", "nsec: not a valid Nostr secret key (expected nsec1… or 64 hex)", 400)
+            self._use(keys)
+        if self._nc is not None:
+            await self._nc.publish(bus.EVENT_IDENTITY_CHANGED, b"")
+        return self.identity
+
+    async def _on_identity_changed(self, msg) -> None:
+        """Another replica changed the key: load the stored one."""
+        async with self._key_lock:
+            try:
+                self._use(await self.store.current())
+            except Exception:
+                log.exception("could not load the node's new Nostr key")
 
     async def _on_catalog_changed(self, msg) -> None:
         self._changed.set()

@@ -95,6 +95,14 @@ class Relays:
         if stuck:
             log.warning("%d relay task(s) did not stop in %.0fs", len(stuck), STOP_TIMEOUT)
 
+    def use_keys(self, keys: Keys) -> None:
+        """Sign with `keys` from now on: the current announcement is re-signed and sent to every relay."""
+        self._keys = keys
+        self._pubkey = keys.public_key().to_hex()
+        self.peers = {k: p for k, p in self.peers.items() if p.pubkey != self._pubkey}  # we are no peer of ours
+        self._metrics.nodes_seen.set(len(self.peers))
+        self._wake.set()
+
     def announce(self, announcement: Announcement | None) -> None:
         """Make `announcement` the one to keep on the relays (None: stop sending new ones)."""
         self._want = announcement
@@ -124,7 +132,8 @@ class Relays:
         await self._watch_connections(now)
         if self._want is None:
             return
-        if self._event is None or self._want != self._signed or now >= self._refresh_at:
+        stale = self._event is None or self._event.author().to_hex() != self._pubkey  # a new key
+        if stale or self._want != self._signed or now >= self._refresh_at:
             await self._sign(self._want)
             self._refresh_at = now + REFRESH_EVERY
             for state in self._states:
@@ -135,9 +144,10 @@ class Relays:
             await asyncio.gather(*(self._send(state) for state in due))
 
     async def _sign(self, announcement: Announcement) -> None:
-        created_at = await self._clock.next(self._pubkey)
+        keys = self._keys  # a key swapped while the clock answers is picked up on the next step
+        created_at = await self._clock.next(keys.public_key().to_hex())
         builder = EventBuilder(Kind(KIND), announcement.content).tags([Tag.parse(list(t)) for t in announcement.tags])
-        self._event = builder.custom_created_at(Timestamp.from_secs(created_at)).finalize(self._keys)
+        self._event = builder.custom_created_at(Timestamp.from_secs(created_at)).finalize(keys)
         self._signed = announcement
         log.info("signed announcement %s (created_at %d)", self._event.id().to_hex(), created_at)
 

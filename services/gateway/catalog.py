@@ -68,6 +68,11 @@ async def _follow_changes(app: web.Application) -> None:
         cache.fetched_at = -math.inf
 
     await app[NC].subscribe(bus.EVENT_CATALOG_CHANGED, cb=changed)
+
+    async def identity_changed(msg) -> None:  # PATCH /admin/api/nsec: /v1/info shows the new npub at once
+        cache.identity_at = -math.inf
+
+    await app[NC].subscribe(bus.EVENT_IDENTITY_CHANGED, cb=identity_changed)
     _refresh_soon(app)  # so the first paid call can already show its cost in USD
 
 

@@ -71,6 +71,7 @@ ADMIN_BODIES: dict[str, dict] = {
                                 "mint_url": {"type": "string"}, "lightning_address": {"type": "string"},
                                 "idempotency_key": {"type": "string"}}},
     "settings_update": OBJECT,
+    "nsec": {"type": "object", "required": ["nsec"], "properties": {"nsec": {"type": "string"}}},
     "provider_create": {"type": "object", "required": ["provider_type"],
                         "properties": {"provider_type": {"type": "string"}, "base_url": {"type": "string"},
                                        "api_key": {"type": "string"}, "slug": {"type": "string"},
@@ -82,6 +83,7 @@ ADMIN_BODIES: dict[str, dict] = {
 ADMIN_ANSWERS: dict[str, dict] = {
     "login": {"$ref": "#/components/schemas/Login"},
     "logout": {"$ref": "#/components/schemas/Ok"},
+    "nsec": {"type": "object", "required": ["ok", "npub"], "properties": {"npub": {"type": "string"}}},
     "balances": {"type": "array", "items": {"$ref": "#/components/schemas/MintBalance"}},
     "withdraw": {"$ref": "#/components/schemas/Withdrawal"},
     "cli_tokens": {"type": "array", "items": OBJECT},

@@ -13,6 +13,7 @@ from typing import Any
 
 import asyncpg
 from nats.aio.client import Client as NATS
+from nats.errors import Error as NatsError
 
 from services.billing.admin import settings as live
 from services.billing.admin.models import Conflict, Invalid, Missing, Models, validate
@@ -22,6 +23,7 @@ from services.billing.admin.usage import MAX_HOURS, RequestLog
 from services.billing.catalog import Catalog
 from shared import bus
 from shared.config import ConfigError, Settings
+from shared.messaging import BusError, request
 from shared.secretbox import SecretBox
 
 log = logging.getLogger(__name__)
@@ -164,6 +166,20 @@ class Admin:
         await self.apply_live()
         await self.models.changed()  # other replicas load the settings; fees re-price the catalog
         return live.view(self.settings)
+
+    async def op_nsec(self, call: bus.AdminCall, _: int) -> dict:
+        """PATCH /admin/api/nsec `{nsec}`: discovery keeps and signs with the key ("" goes back to NSEC,
+        else a fresh generated key); answers `{ok, npub}`. The key is never logged or echoed."""
+        nsec = _body(call).get("nsec")
+        if not isinstance(nsec, str):
+            raise Problem(400, "nsec is required (nsec1…, 64 hex characters, or empty to clear)")
+        try:
+            identity = await request(self.nc, bus.DISCOVERY_IDENTITY_SET, bus.IdentitySet(nsec=nsec), bus.NodeIdentity)
+        except BusError as exc:
+            raise Problem(exc.error.status, exc.error.message, exc.error.retry_after) from None
+        except NatsError:
+            raise Problem(503, "Discovery is not reachable; retry shortly", 2) from None
+        return {"ok": True, "npub": identity.npub}
 
     # ---- money -------------------------------------------------------------------------------
 

@@ -42,6 +42,7 @@ ROUTES = (
     ("DELETE", "/admin/api/cli-tokens/{id}", "cli_token_delete"),
     ("GET", "/admin/api/settings", "settings"),
     ("PATCH", "/admin/api/settings", "settings_update"),
+    ("PATCH", "/admin/api/nsec", "nsec"),
     ("GET", "/admin/api/balances", "balances"),
     ("GET", "/admin/api/temporary-balances", "temporary_balances"),
     ("POST", "/admin/withdraw", "withdraw"),
