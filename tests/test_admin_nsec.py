@@ -67,3 +67,18 @@ async def test_operator_sets_and_clears_the_key_live(make_node, http, relay, cap
 
     secrets = (nsec, keys.secret_key().to_hex(), hex_keys.secret_key().to_hex())
     assert not any(secret in caplog.text for secret in secrets)
+
+
+async def test_clearing_goes_back_to_the_configured_nsec(make_node, http):
+    configured = Keys.generate()
+    node = await make_node(
+        ("billing", "discovery", "gateway"), ADMIN_PASSWORD=PASSWORD, NSEC=configured.secret_key().to_bech32()
+    )
+    token = await login(http, node.url)
+    url = f"{node.url}/admin/api/nsec"
+    chosen = Keys.generate()
+    status, body = await call(http, "PATCH", url, token, json={"nsec": chosen.secret_key().to_bech32()})
+    assert (status, body) == (200, {"ok": True, "npub": chosen.public_key().to_bech32()})  # wins over NSEC
+    status, body = await call(http, "PATCH", url, token, json={"nsec": ""})
+    assert (status, body) == (200, {"ok": True, "npub": configured.public_key().to_bech32()})
+    assert await npub_in_info(http, node) == configured.public_key().to_bech32()
