@@ -165,11 +165,18 @@ class Accounts:
         if await self.grants.open_grants(message.key_hash):
             # Grants out on the key: no new units while gateways give theirs back and their calls settle.
             await self.grants.block(message.key_hash, RECALL_WAIT * 2)
+            still_settling = False
             try:
                 await self.grants.recall(message.key_hash, settled=True)
                 step = await self.ledger.begin_refund(message.key_hash, method, message.lightning_address)
+            except LedgerError as exc:
+                # Calls still settling (425): the block stays until it lapses (RECALL_WAIT * 2 s) and the client's
+                # retry renews it, so sustained load on the key cannot spend it down under a waiting refund.
+                still_settling = exc.error.status == 425
+                raise
             finally:
-                await self.grants.unblock(message.key_hash)
+                if not still_settling:
+                    await self.grants.unblock(message.key_hash)
         else:
             step = await self.ledger.begin_refund(message.key_hash, method, message.lightning_address)
         if isinstance(step, bus.Refunded):
