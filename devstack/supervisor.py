@@ -45,7 +45,11 @@ class Supervisor:
 
     def _spawn(self, child: Child) -> None:
         log = child.log_path.open("ab")
-        child.process = subprocess.Popen(child.args, env=child.env, stdout=log, stderr=subprocess.STDOUT)
+        # A session of its own, as under an orchestrator: a Ctrl-C at the terminal reaches only `make run`, which
+        # then stops every child with SIGTERM, newest first, while NATS and Postgres are still up for its drain.
+        child.process = subprocess.Popen(
+            child.args, env=child.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         log.close()  # the child holds its own descriptor
         child.started_at = time.monotonic()
         child.restart_at = None
