@@ -8,9 +8,12 @@ from their app factories, exactly as `python -m services.<name>` would.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
+import os
 import secrets
 import shutil
+import signal
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -60,6 +63,21 @@ def fee_mint(tmp_path_factory) -> Iterator[processes.Service]:
     service = processes.start_mint(tmp_path_factory.mktemp("fee-mint"), input_fee_ppk=100)
     yield service
     service.stop()
+
+
+@pytest.fixture
+async def own_postgres():
+    """A Postgres of the test's own, with a database `node`, for tests that stop, pause or kill it."""
+    workdir = Path(tempfile.mkdtemp(prefix="routstr-test-pg-"))
+    service = processes.start_postgres(workdir)
+    admin = await asyncpg.connect(service.url)
+    await admin.execute('CREATE DATABASE "node"')
+    await admin.close()
+    yield service
+    with contextlib.suppress(ProcessLookupError):  # a test may leave it paused; its session is its process group
+        os.killpg(service.process.pid, signal.SIGCONT)
+    service.stop()
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture

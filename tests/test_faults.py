@@ -12,9 +12,7 @@ import asyncio
 import hashlib
 import itertools
 import secrets
-import shutil
 import signal
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -228,19 +226,6 @@ async def own_mint(tmp_path):
     yield mint
     signal_tree(mint.process.pid, signal.SIGCONT)
     mint.stop()
-
-
-@pytest.fixture
-async def own_postgres():
-    workdir = Path(tempfile.mkdtemp(prefix="routstr-test-pg-"))
-    service = processes.start_postgres(workdir)
-    admin = await asyncpg.connect(service.url)
-    await admin.execute('CREATE DATABASE "node"')
-    await admin.close()
-    yield service
-    signal_tree(service.process.pid, signal.SIGCONT)
-    service.stop()
-    shutil.rmtree(workdir, ignore_errors=True)
 
 
 # ---- the faults ---------------------------------------------------------------------------------------------

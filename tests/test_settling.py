@@ -9,14 +9,10 @@ and by signals to a real Postgres.
 from __future__ import annotations
 
 import asyncio
-import shutil
 import signal
 import sqlite3
-import tempfile
 import time
-from pathlib import Path
 
-import asyncpg
 import pytest
 from aiohttp import web
 
@@ -206,19 +202,6 @@ async def test_a_mint_rotating_its_keyset_is_followed_at_once(make_node, http, t
 
 
 # ---- 5. a stopped Postgres answers 503 + Retry-After within seconds --------------------------------------------
-
-
-@pytest.fixture
-async def own_postgres():
-    workdir = Path(tempfile.mkdtemp(prefix="routstr-test-pg-"))
-    service = processes.start_postgres(workdir)
-    admin = await asyncpg.connect(service.url)
-    await admin.execute('CREATE DATABASE "node"')
-    await admin.close()
-    yield service
-    signal_tree(service.process.pid, signal.SIGCONT)
-    service.stop()
-    shutil.rmtree(workdir, ignore_errors=True)
 
 
 async def test_a_stopped_postgres_answers_503_with_retry_after_within_seconds(own_postgres, make_node, http):
