@@ -15,6 +15,7 @@ import secrets
 import signal
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -231,6 +232,27 @@ async def own_mint(tmp_path):
 # ---- the faults ---------------------------------------------------------------------------------------------
 
 
+def pausing(part: processes.Service, seconds: float = 4) -> Callable[[], Awaitable[None]]:
+    """A fault: `part` frozen (SIGSTOP to its process tree) for `seconds`, then let go."""
+
+    async def pause() -> None:
+        signal_tree(part.process.pid, signal.SIGSTOP)
+        await asyncio.sleep(seconds)
+        signal_tree(part.process.pid, signal.SIGCONT)
+
+    return pause
+
+
+async def survives(node: Node, wallet: ClientWallet, *faults: Callable[[], Awaitable[None]]) -> None:
+    """Each fault in turn under mixed paid load, then nothing stuck; the node is stopped in the end."""
+    try:
+        for fault in faults:
+            load = await under_load(node, wallet, fault)
+            await assert_nothing_stuck(node, load, wallet)
+    finally:
+        await node.cluster.stop()
+
+
 async def test_kill_9_of_each_service_under_load(tmp_path, own_nats, database, upstream, mint, client_wallet):
     node = await start_node(tmp_path, own_nats, database, mint.url, upstream)
     try:
@@ -252,11 +274,6 @@ async def test_nats_paused_then_killed_and_restarted(tmp_path, own_nats, databas
     node = await start_node(tmp_path, own_nats, database, mint.url, upstream)
     port = int(own_nats.url.rsplit(":", 1)[1])
 
-    async def pause() -> None:
-        signal_tree(own_nats.process.pid, signal.SIGSTOP)
-        await asyncio.sleep(4)
-        signal_tree(own_nats.process.pid, signal.SIGCONT)
-
     async def kill() -> None:
         own_nats.process.kill()
         own_nats.process.wait()
@@ -264,12 +281,7 @@ async def test_nats_paused_then_killed_and_restarted(tmp_path, own_nats, databas
         harness = {natsauth.HARNESS_USER: urlsplit(own_nats.url).password}
         own_nats.process = processes.start_nats(tmp_path / "nats", own_nats.extra, harness, port=port).process
 
-    try:
-        for fault in (pause, kill):
-            load = await under_load(node, client_wallet, fault)
-            await assert_nothing_stuck(node, load, client_wallet)
-    finally:
-        await node.cluster.stop()
+    await survives(node, client_wallet, pausing(own_nats), kill)
 
 
 async def test_postgres_paused_then_killed_and_restarted(tmp_path, own_nats, own_postgres, upstream, mint,
@@ -279,23 +291,13 @@ async def test_postgres_paused_then_killed_and_restarted(tmp_path, own_nats, own
     port = int(own_postgres.url.rsplit(":", 1)[1].split("/")[0])
     workdir = own_postgres.log_path.parent
 
-    async def pause() -> None:
-        signal_tree(own_postgres.process.pid, signal.SIGSTOP)
-        await asyncio.sleep(4)
-        signal_tree(own_postgres.process.pid, signal.SIGCONT)
-
     async def kill() -> None:
         signal_tree(own_postgres.process.pid, signal.SIGKILL)
         own_postgres.process.wait()
         await asyncio.sleep(1)
         own_postgres.process = processes.start_postgres(workdir, port=port).process
 
-    try:
-        for fault in (pause, kill):
-            load = await under_load(node, client_wallet, fault)
-            await assert_nothing_stuck(node, load, client_wallet)
-    finally:
-        await node.cluster.stop()
+    await survives(node, client_wallet, pausing(own_postgres), kill)
 
 
 async def test_mint_paused_then_killed_and_restarted(tmp_path, own_nats, database, upstream, own_mint):
@@ -303,20 +305,10 @@ async def test_mint_paused_then_killed_and_restarted(tmp_path, own_nats, databas
     node = await start_node(tmp_path, own_nats, database, own_mint.url, upstream)
     port = int(own_mint.url.rsplit(":", 1)[1])
 
-    async def pause() -> None:
-        signal_tree(own_mint.process.pid, signal.SIGSTOP)
-        await asyncio.sleep(4)
-        signal_tree(own_mint.process.pid, signal.SIGCONT)
-
     async def kill() -> None:
         own_mint.process.kill()
         own_mint.process.wait()
         await asyncio.sleep(1)
         own_mint.process = processes.start_mint(tmp_path / "mint", port=port).process
 
-    try:
-        for fault in (pause, kill):
-            load = await under_load(node, payer, fault)
-            await assert_nothing_stuck(node, load, payer)
-    finally:
-        await node.cluster.stop()
+    await survives(node, payer, pausing(own_mint), kill)
