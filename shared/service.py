@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import sys
@@ -178,6 +179,21 @@ def _print_applied(service: str, applied: list[str]) -> int:
     return 0
 
 
+async def _frozen_after_startup(app: Awaitable[web.Application]) -> web.Application:
+    """The app, set to move what startup left alive (modules, settings, pools: a few hundred thousand
+    objects that live as long as the process) out of the garbage collector's reach once it has
+    started, so no full collection walks them again: shorter pauses on the paid path (CPython's
+    `gc.freeze`, meant for exactly this)."""
+
+    async def freeze(app: web.Application) -> None:
+        gc.collect()
+        gc.freeze()
+
+    built = await app
+    built.on_startup.append(freeze)
+    return built
+
+
 def main(
     service: str,
     build: Callable[[Settings], Awaitable[web.Application]],
@@ -214,7 +230,7 @@ def main(
         require(settings, *needs)
         uvloop.install()  # libuv's event loop: markedly less CPU per socket operation on the hot path
         web.run_app(
-            build(settings),
+            _frozen_after_startup(build(settings)),
             host=settings.host,
             port=port(settings),
             shutdown_timeout=float(settings.upstream_timeout),

@@ -18,6 +18,13 @@ _RECORD = (
     " completion_tokens, cost_msat, status, source, latency_ms, attempts)"
     " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT DO NOTHING"
 )
+# A settled batch in one statement: one array per column (asyncpg's executemany would run it row by row).
+_RECORD_MANY = (
+    "INSERT INTO billing.request_log (request_id, key_prefix, model, provider, prompt_tokens,"
+    " completion_tokens, cost_msat, status, source, latency_ms, attempts)"
+    " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[],"
+    " $7::bigint[], $8::int[], $9::text[], $10::int[], $11::int[]) ON CONFLICT DO NOTHING"
+)
 
 
 def _log_row(usage: bus.Usage, cost_msat: int) -> tuple:
@@ -36,9 +43,10 @@ class RequestLog:
         await self.pool.execute(_RECORD, *_log_row(usage, cost_msat))
 
     async def record_many(self, settled: list[tuple[bus.Usage, int]]) -> None:
-        """`record` for a settled batch of (usage, cost msat), pipelined (quota grant settlement)."""
+        """`record` for a settled batch of (usage, cost msat), in one statement (quota grant settlement)."""
         if settled:
-            await self.pool.executemany(_RECORD, [_log_row(usage, cost) for usage, cost in settled])
+            rows = [_log_row(usage, cost) for usage, cost in settled]
+            await self.pool.execute(_RECORD_MANY, *map(list, zip(*rows, strict=True)))
 
     async def expire(self, days: int) -> int:
         """Delete rows older than `days` (REQUEST_LOG_RETENTION_DAYS); returns how many."""
