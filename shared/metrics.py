@@ -78,6 +78,19 @@ class GatewayMetrics:
             "routstr_provider_up", "0 from a provider's failed call until a call to it succeeds again, else 1",
             ["provider"], registry=registry,
         )  # fmt: skip
+        # Quota grants (RFC 4006 credit control), refreshed at each grant-maintenance tick, not per call.
+        self.quota_grants = Gauge(
+            "routstr_quota_grants", "Quota grants this gateway holds: active (new calls spend them) or draining "
+            "(recalled or replaced, calls still in flight)", ["state"], registry=registry,
+        )  # fmt: skip
+        self.quota_available_msat = Gauge(
+            "routstr_quota_available_msat", "Msat granted to this gateway's active grants and neither charged nor "
+            "held by calls in flight: what new calls can spend without asking billing", registry=registry,
+        )  # fmt: skip
+        self.quota_requests = Counter(
+            "routstr_quota_requests_total", "Credit-Control-Requests sent to billing by type (initial, update, "
+            "terminate) and outcome (ok, refused, no_answer)", ["type", "outcome"], registry=registry,
+        )  # fmt: skip
 
 
 class BillingMetrics:
@@ -113,6 +126,22 @@ class BillingMetrics:
         self.reconcile_difference_msat = Gauge(
             "routstr_reconcile_difference_msat", "Ledger imbalance found by reconcile; must be 0",
             registry=registry,
+        )  # fmt: skip
+        self.grants_open = Gauge(
+            "routstr_grants_open", "Quota grants open in billing (granted to a gateway, not terminated or expired)",
+            registry=registry,
+        )  # fmt: skip
+        self.grants_held_msat = Gauge(
+            "routstr_grants_held_msat", "Msat of keys' balances held by grants: granted to gateways, not yet "
+            "settled or given back", registry=registry,
+        )  # fmt: skip
+        self.grants_expired = Counter(
+            "routstr_grants_expired_total", "Grants whose held units billing gave back because their Validity-Time "
+            "passed unrenewed (a gateway died or lost billing's answer)", registry=registry,
+        )  # fmt: skip
+        self.grant_recalls = Counter(
+            "routstr_grant_recalls_total", "Recalls of a key's grants (refunds, balance queries) by outcome: "
+            "returned (every gateway gave back in time) or timeout", ["outcome"], registry=registry,
         )  # fmt: skip
 
 

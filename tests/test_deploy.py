@@ -21,7 +21,7 @@ import helm_python as helm
 import kubernetes_validate
 import pytest
 import yaml
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from devstack import processes
 from shared import metrics
@@ -605,10 +605,37 @@ def test_dashboard_shows_what_operators_need():
         "routstr_mint_up",
         "routstr_relay_connected",
         "routstr_relay_last_publish_timestamp_seconds",
+        "routstr_quota_grants",
+        "routstr_grants_held_msat",
+        "routstr_grants_expired_total",
     } <= used
     assert dashboard["uid"] and dashboard["title"]
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))
+
+
+def _metric_rows() -> dict[str, tuple[str, str]]:
+    """The exported metrics as README rows: {name: (type, labels)}, counters named with `_total`."""
+    rows = {}
+    for cls in (metrics.GatewayMetrics, metrics.BillingMetrics, metrics.WalletMetrics, metrics.DiscoveryMetrics):
+        for metric in vars(cls(CollectorRegistry())).values():
+            if isinstance(metric, Counter | Gauge | Histogram):  # prometheus_client keeps the names privately
+                name = metric._name + ("_total" if metric._type == "counter" else "")
+                rows[name] = (metric._type, set(metric._labelnames))
+    return rows
+
+
+def test_readme_metrics_table_lists_every_metric_with_its_type_and_labels():
+    section = (ROOT / "README.md").read_text().split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
+    table = {
+        name: (kind, set() if labels.strip() == "—" else {label.strip() for label in labels.split(",")})
+        for name, kind, labels in re.findall(r"^\| `(routstr_[a-z0-9_]+)` \| (\w+) \| ([^|]+) \|", section, re.M)
+    }
+    exported = _metric_rows()
+    assert set(table) == set(exported), (set(exported) - set(table), set(table) - set(exported))
+    for name, (kind, labels) in table.items():
+        assert kind == exported[name][0], name
+        assert labels == exported[name][1], name
 
 
 # --- the hook Job's commands, run for real -----------------------------------------------------------------

@@ -17,7 +17,9 @@ import uuid
 import aiohttp
 import asyncpg
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from services.billing import app as billing_app
 from services.billing.grants import _Batch
 from services.gateway.quota import Grant
 from shared import bus, messaging
@@ -25,6 +27,7 @@ from tests.conftest import node_env
 from tests.support.cluster import Cluster
 from tests.support.keys import funded_key, reconcile
 from tests.test_gateway import CHAT, auth, sse_events
+from tests.test_operations import promtool_check_metrics
 
 # 1 sat per call, nothing per prompt token, 1 sat per 1000 completion tokens. The stub answers exactly
 # the asked-for 10 tokens, so every call costs its maximum, 1010 msat: a key holding 100 x 1010 msat
@@ -328,3 +331,110 @@ async def test_kill_9_of_a_gateway_under_load_charges_every_answered_call_once(c
     assert after.total_spent_msat == after.total_requests * COST, after
     result = await reconcile(nats_server.url)
     assert result.difference_msat == 0 and result.covered, result
+
+
+# ---- metrics: what operators see of the grants ----------------------------------------------------------------
+
+
+async def scrape(url: str) -> tuple[dict[tuple, float], bytes]:
+    """`url`/metrics as {(sample name, sorted labels): value}, and the raw exposition."""
+    async with aiohttp.ClientSession() as http, http.get(f"{url}/metrics") as response:
+        assert response.status == 200
+        raw = await response.read()
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(raw.decode())
+        for sample in family.samples
+    }
+    return samples, raw
+
+
+async def scraped_until(url: str, condition, timeout: float = 15) -> dict[tuple, float]:
+    """Scrape `url` until `condition(samples)` holds; fails with the last scrape after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        samples, _ = await scrape(url)
+        if condition(samples):
+            return samples
+        assert time.monotonic() < deadline, {k: v for k, v in samples.items() if "grant" in k[0] or "quota" in k[0]}
+        await asyncio.sleep(0.2)
+
+
+async def test_billing_exports_grants_open_held_recalled_and_expired(make_node, monkeypatch):
+    monkeypatch.setattr(billing_app, "GAUGES_EVERY", 0.2)  # the gauges' tick, 10 s in production
+    node = await make_node(("billing",), QUOTA_VALIDITY_TIME="2", **PRICES)
+    url = node.urls["billing"]
+    key = await funded_key(node.settings.nats_url, 100_000)
+    nc = await messaging.connect(node.settings.nats_url, "test-gateway")
+    try:
+        ccr = bus.CreditControl(hash_of(key), uuid.uuid4().hex, "vanished-gateway", 1, 60_000, 1010)
+        answer = await messaging.request(nc, bus.BILLING_CREDIT_CONTROL, ccr, bus.QuotaAnswer)
+    finally:
+        await nc.drain()
+    assert answer.granted_msat == 50_000
+    held = await scraped_until(url, lambda s: s.get(("routstr_grants_held_msat", ())) == 50_000)
+    assert held[("routstr_grants_open", ())] == 1
+    assert held[("routstr_grants_expired_total", ())] == 0
+    # A balance query calls the grant back; its gateway never answers, so the recall times out...
+    await key_state(node.settings.nats_url, hash_of(key))
+    samples, raw = await scrape(url)
+    assert samples[("routstr_grant_recalls_total", (("outcome", "timeout"),))] == 1
+    # ...and the grant expires by itself: counted once, nothing held or open any more.
+    expired = await scraped_until(
+        url, lambda s: s[("routstr_grants_expired_total", ())] == 1 and s[("routstr_grants_held_msat", ())] == 0
+    )
+    assert expired[("routstr_grants_open", ())] == 0
+    returncode, output = await promtool_check_metrics(raw)
+    assert returncode == 0, output
+
+
+async def test_a_gateway_exports_its_grants_and_requests_and_billing_counts_its_grant_expired_after_kill_9(
+    cluster, nats_server
+):
+    validity = 4
+    cluster.env["QUOTA_VALIDITY_TIME"] = str(validity)
+    billing, gateway = await cluster.start_all(("billing", "billing"), ("gateway", "gateway"))
+    key = await funded_key(nats_server.url, 1_000 * COST)
+    answered = 0
+    stop = asyncio.Event()
+
+    async def load(http: aiohttp.ClientSession) -> None:  # keeps the grant in use, so it is not given back idle
+        nonlocal answered
+        while not stop.is_set():
+            try:
+                async with http.post(f"{gateway.url}{CHAT}", json=CALL, headers=auth(key)) as response:
+                    await response.read()
+                    answered += response.status == 200
+            except aiohttp.ClientError:
+                await asyncio.sleep(0.05)
+
+    active = ("routstr_quota_grants", (("state", "active"),))
+    initial_ok = ("routstr_quota_requests_total", (("outcome", "ok"), ("type", "initial")))
+    async with aiohttp.ClientSession() as http:
+        worker = asyncio.ensure_future(load(http))
+        try:
+            await eventually(lambda: answered >= 5)
+            samples = await scraped_until(gateway.metrics_url, lambda s: s.get(active) == 1)
+            assert samples[initial_ok] >= 1, samples
+            assert 0 < samples[("routstr_quota_available_msat", ())] <= 64 * COST, samples
+            assert samples[("routstr_quota_grants", (("state", "draining"),))] == 0
+            assert not any(name == "routstr_quota_requests_total" and ("outcome", "no_answer") in labels
+                           for (name, labels) in samples), samples  # fmt: skip
+            _, raw = await scrape(gateway.metrics_url)
+            returncode, output = await promtool_check_metrics(raw)
+            assert returncode == 0, output
+            before, _ = await scrape(billing.metrics_url)
+            assert before[("routstr_grants_expired_total", ())] == 0
+            gateway.process.send_signal(signal.SIGKILL)  # under load: its grant is never terminated
+            killed_at = time.monotonic()
+        finally:
+            stop.set()
+            await worker
+    # Unrenewed, the grant expires within its validity time plus one sweep (a quarter of it).
+    await scraped_until(billing.metrics_url, lambda s: s[("routstr_grants_expired_total", ())] >= 1, validity + 5)
+    assert time.monotonic() - killed_at < validity + 5
+    info = await settled(nats_server.url, key, 10)
+    assert info.total_spent_msat == info.total_requests * COST, info
+    assert info.balance_msat + info.total_spent_msat == 1_000 * COST, info
+    result = await reconcile(nats_server.url)
+    assert result.difference_msat == 0, result  # (no wallet here: nothing to say whether ecash covers it)

@@ -154,7 +154,7 @@ async def _resources(app: web.Application):
     session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
     ledger = Ledger(pool, box)
     catalog = Catalog(settings, pool, session, providers, os.environ)
-    grants = Grants(pool, nc, settings.quota_validity_time)
+    grants = Grants(pool, nc, settings.quota_validity_time, metrics)
     accounts = Accounts(ledger, catalog, nc, metrics, settings.default_max_tokens, grants)
     app[ACCOUNTS] = accounts
     await catalog.refresh()
@@ -207,6 +207,7 @@ async def _resources(app: web.Application):
         books = await ledger.books()
         metrics.owed_msat.set(books["owed"])
         metrics.revenue_msat.set(books.get("revenue", 0))
+        await grants.gauges()
         info = await nc.jetstream().consumer_info(bus.USAGE_STREAM, bus.USAGE_CONSUMER)
         metrics.usage_pending.set(info.num_pending + info.num_ack_pending)
         await accounts.reconcile()

@@ -24,6 +24,7 @@ from services.billing.ledger import REVENUE, LedgerError, fail
 from services.billing.ledger import held as held_account
 from services.billing.ledger import user as user_account
 from shared import bus, pricing
+from shared.metrics import BillingMetrics, child
 
 log = logging.getLogger(__name__)
 
@@ -113,10 +114,11 @@ class _Batch:
 
 
 class Grants:
-    def __init__(self, pool: asyncpg.Pool, nc: NATS, validity_time: int):
+    def __init__(self, pool: asyncpg.Pool, nc: NATS, validity_time: int, metrics: BillingMetrics):
         self.pool = pool
         self.nc = nc
         self.validity_time = validity_time
+        self.metrics = metrics
 
     async def credit_control(self, ccr: bus.CreditControl) -> bus.QuotaAnswer:
         """Answer one Credit-Control-Request (see `bus.CreditControl`); amounts in msat.
@@ -209,7 +211,9 @@ class Grants:
             await asyncio.sleep(RECALL_POLL)
             open_grants, reserved = await self._outstanding(key_hash)
             if not open_grants and (not settled or not reserved):
+                child(self.metrics.grant_recalls, "returned").inc()
                 return True
+        child(self.metrics.grant_recalls, "timeout").inc()
         return False
 
     async def block(self, key_hash: str, seconds: float) -> None:
@@ -227,4 +231,14 @@ class Grants:
         rows = await self.pool.fetch("SELECT * FROM billing.expire_grants(500)")
         for row in rows:
             log.warning("grant expired; %d msat back to its key", row["released_msat"])
+        self.metrics.grants_expired.inc(len(rows))
         return len(rows)
+
+    async def gauges(self) -> None:
+        """Set the grant gauges: grants open, and msat held by grants (each read from its partial index)."""
+        row = await self.pool.fetchrow(
+            "SELECT (SELECT count(*) FROM billing.grants WHERE state = 'open') AS open,"
+            " (SELECT coalesce(sum(held_msat), 0) FROM billing.grants WHERE held_msat > 0) AS held"
+        )
+        self.metrics.grants_open.set(row["open"])
+        self.metrics.grants_held_msat.set(row["held"])

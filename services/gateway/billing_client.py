@@ -25,6 +25,7 @@ from services.gateway.quota import Grant, Quota
 from services.gateway.usage_stream import UsageStream
 from shared import bus, pricing
 from shared.messaging import BusError, request
+from shared.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +44,14 @@ class _Hold:
 class BillingClient:
     """Every money question the gateway asks, in one place."""
 
-    def __init__(self, nc: NATS, js: JetStreamContext, hold_ttl: float = 900.0):
+    def __init__(self, nc: NATS, js: JetStreamContext, metrics: GatewayMetrics, hold_ttl: float = 900.0):
         self.nc = nc
         self.js = js
         # Tokens already credited to their derived key: a token used as a Bearer is presented on
         # every call, and billing would answer "already credited" anyway, so skip the round trip.
         self._deposited: OrderedDict[str, None] = OrderedDict()
         self._one_shot: OrderedDict[str, None] = OrderedDict()  # X-Cashu keys: a reservation per call
-        self.quota = Quota(nc)
+        self.quota = Quota(nc, metrics)
         self.usage_stream = UsageStream(js)
         self._holds: dict[str, _Hold] = {}
         self._ratings: dict[str, tuple[bus.Rating, float]] = {}

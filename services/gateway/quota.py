@@ -23,6 +23,7 @@ from nats.aio.client import Client as NATS
 
 from shared import bus
 from shared.messaging import BusError, request
+from shared.metrics import GatewayMetrics, child
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +102,9 @@ class Grant:
 class Quota:
     """This gateway's grants, one active grant per key, and the Credit-Control-Requests behind them."""
 
-    def __init__(self, nc: NATS, gateway_id: str | None = None):
+    def __init__(self, nc: NATS, metrics: GatewayMetrics, gateway_id: str | None = None):
         self.nc = nc
+        self.metrics = metrics
         self.gateway_id = gateway_id or uuid.uuid4().hex
         self.active: dict[str, Grant] = {}  # key_hash -> the grant new calls use
         self.draining: set[Grant] = set()  # recalled or replaced grants with calls still in flight
@@ -234,12 +236,16 @@ class Quota:
 
     async def _send(self, grant: Grant, ccr: bus.CreditControl) -> None:
         sent = time.monotonic()
+        kind = "terminate" if ccr.final else "initial" if ccr.request_number == 1 else "update"  # CC-Request-Type
         try:
             answer = await request(self.nc, bus.BILLING_CREDIT_CONTROL, ccr, bus.QuotaAnswer)
         except BusError as exc:
-            if exc.error.code not in UNKNOWN_OUTCOME:
+            answered = exc.error.code not in UNKNOWN_OUTCOME
+            if answered:
                 grant.unanswered = None  # a refusal: answered, and nothing granted
+            child(self.metrics.quota_requests, kind, "refused" if answered else "no_answer").inc()
             raise
+        child(self.metrics.quota_requests, kind, "ok").inc()
         grant.unanswered = None
         grant.granted += answer.granted_msat
         grant.balance = answer.balance_msat
@@ -272,12 +278,20 @@ class Quota:
         for key_hash in [k for k, lock in self.locks.items() if not lock.locked() and k not in self.active]:
             del self.locks[key_hash]
 
+    def update_gauges(self) -> None:
+        """`routstr_quota_grants` and `routstr_quota_available_msat`, once per tick rather than per call."""
+        active = [grant for grant in self.active.values() if grant.active]
+        child(self.metrics.quota_grants, "active").set(len(active))
+        child(self.metrics.quota_grants, "draining").set(len(self.draining))
+        self.metrics.quota_available_msat.set(sum(max(grant.available, 0) for grant in active))
+
     async def run(self, stop: asyncio.Event, tick: float = 1.0) -> None:
         while not stop.is_set():
             try:
                 await self.maintain()
             except Exception:
                 log.exception("quota maintenance failed")
+            self.update_gauges()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), tick)
 
