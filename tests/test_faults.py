@@ -312,3 +312,97 @@ async def test_mint_paused_then_killed_and_restarted(tmp_path, own_nats, databas
         own_mint.process = processes.start_mint(tmp_path / "mint", port=port).process
 
     await survives(node, payer, pausing(own_mint), kill)
+
+
+# ---- Postgres stalled: deposits and refunds answer 503 at once, and settle once it is back ----------------------
+
+
+async def timed_post(http: aiohttp.ClientSession, url: str, **kwargs) -> tuple[int, dict, dict, float]:
+    """(status, headers, JSON body, seconds) of one POST."""
+    started = time.monotonic()
+    async with http.post(url, **kwargs) as response:
+        body = await response.json(content_type=None)
+        return response.status, dict(response.headers), body, time.monotonic() - started
+
+
+def refused_in_time(answer: tuple[int, dict, dict, float], bound: float) -> None:
+    """A dependency outage as the contract says: 503, Retry-After and a `detail`, within `bound` seconds."""
+    status, headers, body, seconds = answer
+    assert status == 503 and headers.get("Retry-After") and body.get("detail"), answer
+    assert seconds < bound, f"answered after {seconds:.1f}s: {answer}"
+
+
+async def until_ok(http: aiohttp.ClientSession, url: str, **kwargs) -> tuple[int, dict, dict, float]:
+    """POST until 200 (the dependency is back): a refused attempt must still be a quick 503 + Retry-After."""
+    deadline = time.monotonic() + SETTLE_WITHIN
+    while True:
+        answer = await timed_post(http, url, **kwargs)
+        if answer[0] == 200:
+            return answer
+        refused_in_time(answer, float(FAST["DEPENDENCY_TIMEOUT"]) + 2)
+        assert time.monotonic() < deadline, answer
+        await asyncio.sleep(0.5)
+
+
+async def test_postgres_stalled_deposits_and_refunds_answer_503_at_once(
+    tmp_path, own_nats, own_postgres, upstream, mint, client_wallet
+):
+    """Postgres frozen (SIGSTOP, so connections hang rather than fail): a top-up, a key made from a token
+    and a refund each answer 503 + Retry-After within DEPENDENCY_TIMEOUT + 2 s, however often retried;
+    once Postgres runs again the same requests succeed, each token is credited exactly once and the refund
+    pays out once. A token the wallet redeemed while billing's own write hung (a lock held on
+    billing.deposits) is credited by the client's retry of the same top-up."""
+    database = own_postgres.url.rsplit("/", 1)[0] + "/node"
+    node = await start_node(tmp_path, own_nats, database, mint.url, upstream)
+    bound = float(FAST["DEPENDENCY_TIMEOUT"]) + 2
+    gateway = node.gateway
+    topup_key, refund_key = await funded_key(node.nats_url, 1_000_000), await funded_key(node.nats_url, 7_000)
+    topup_token, create_token, locked_token = [await client_wallet.token(TOKEN_SATS) for _ in range(3)]
+    topup = {"url": f"{gateway}/v1/balance/topup", "json": {"cashu_token": topup_token}, "headers": auth(topup_key)}
+    create = {"url": f"{gateway}/v1/balance/create", "json": {"initial_balance_token": create_token}}
+    refund = {"url": f"{gateway}/v1/balance/refund", "headers": auth(refund_key)}
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
+            signal_tree(own_postgres.process.pid, signal.SIGSTOP)
+            try:
+                for _ in range(2):  # a client retrying during the stall gets the same quick answer
+                    answers = await asyncio.gather(*(timed_post(http, **r) for r in (topup, create, refund)))
+                    print("\nPostgres stalled:", [(a[0], round(a[3], 2), a[2].get("detail")) for a in answers])
+                    for answer in answers:
+                        refused_in_time(answer, bound)
+            finally:
+                signal_tree(own_postgres.process.pid, signal.SIGCONT)
+
+            _, _, topped, _ = await until_ok(http, **topup)
+            assert topped["msats"] == TOKEN_SATS * 1000 and topped["balance"] == 1_000_000 + TOKEN_SATS * 1000, topped
+            _, _, again, _ = await until_ok(http, **topup)  # a repeat is answered, not credited again
+            assert again["balance"] == topped["balance"], again
+            _, _, created, _ = await until_ok(http, **create)
+            assert created["balance"] == TOKEN_SATS * 1000, created
+            _, _, paid, _ = await until_ok(http, **refund)
+            assert paid["msats"] == "7000" and await client_wallet.receive(paid["token"]) == 7, paid
+            assert (await until_ok(http, **refund))[2]["refund_id"] == paid["refund_id"]  # a replay
+
+            # Billing's write hangs while the wallet's do not: the token is redeemed, its credit is not written.
+            locked = {**topup, "json": {"cashu_token": locked_token}}
+            holder = await asyncpg.connect(database)
+            try:
+                async with holder.transaction():
+                    await holder.execute("LOCK TABLE billing.deposits IN EXCLUSIVE MODE")  # reads pass, writes wait
+                    refused_in_time(await timed_post(http, **locked), bound)
+                    assert await client_wallet.is_spent(locked_token)  # the node holds its proofs now
+            finally:
+                await holder.close()
+            _, _, credited, _ = await until_ok(http, **locked)
+            assert credited["msats"] == TOKEN_SATS * 1000, credited
+            assert credited["balance"] == topped["balance"] + TOKEN_SATS * 1000, credited
+        db = await asyncpg.connect(database)
+        try:
+            assert await db.fetchval("SELECT count(*) FROM billing.refunds WHERE state = 'pending'") == 0
+            assert await db.fetchval("SELECT count(*) FROM billing.deposits") == 3
+        finally:
+            await db.close()
+        result = await reconcile(node.nats_url)
+        assert result.difference_msat == 0 and result.covered, result
+    finally:
+        await node.cluster.stop()

@@ -40,7 +40,9 @@ SUBJECTS = (
     bus.BILLING_INVOICE_STATUS, bus.BILLING_UPSTREAMS, bus.BILLING_CREDIT_CONTROL, bus.BILLING_RATE,
     bus.BILLING_REFUND_STATUS,
 )  # fmt: skip
-WAITS_ON_WALLET = {  # answered after a wallet call (a mint): bounded by the caller's bus.MINT_TIMEOUT instead
+# Answered after a wallet call (a mint): bounded by the caller's bus.MINT_TIMEOUT instead. Their database
+# work is bounded all the same: each statement by DEPENDENCY_TIMEOUT (shared.db drops a stalled connection).
+WAITS_ON_WALLET = {
     bus.BILLING_DEPOSIT, bus.BILLING_REFUND, bus.BILLING_RECONCILE, bus.BILLING_INVOICE_CREATE,
     bus.BILLING_INVOICE_STATUS,
 }  # fmt: skip
