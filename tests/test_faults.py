@@ -416,7 +416,6 @@ async def test_postgres_stalled_deposits_and_refunds_answer_503_at_once(
 # ---- a gateway killed mid-call: its X-Cashu reservations end within GATEWAY_GONE_AFTER ----------------------------
 
 
-
 async def xcashu_call(http: aiohttp.ClientSession, url: str, token: str, content: str, stream: bool) -> tuple:
     """(status, change token or None) of one X-Cashu call; the status is the exception's name when cut off."""
     body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": content}], "max_tokens": 20,
