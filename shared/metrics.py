@@ -6,9 +6,18 @@ can run in one test process. The README's metrics table and the alerts/dashboard
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+@functools.lru_cache(maxsize=8192)
+def child(metric, *labels: str):
+    """`metric.labels(*labels)`, memoised for the hot path: prometheus_client validates and locks on
+    every `labels()` call, and every label set here is bounded (models through `model_label`)."""
+    return metric.labels(*labels)
+
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 

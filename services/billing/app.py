@@ -49,6 +49,12 @@ WAITS_ON_WALLET = {
 }  # fmt: skip
 CATALOG_REFRESH = 600.0  # seconds between upstream model list / rate refreshes
 SWEEP_EVERY = 5.0
+# Usage is fetched in batches of up to USAGE_FETCH messages and, when a fetch was not full, the next one
+# waits USAGE_LINGER seconds: under load each transaction then settles many calls instead of a few (the
+# per-transaction cost dominates), for a settlement lag of at most this much more. Answers never wait
+# for settlement (their charge is held on a grant or a reservation), so clients do not see the linger.
+USAGE_FETCH = 256
+USAGE_LINGER = 0.05
 GAUGES_EVERY = 10.0
 
 
@@ -59,7 +65,7 @@ async def consume_usage(nc: NATS, accounts: Accounts, stop: asyncio.Event) -> No
     try:
         while not stop.is_set():
             try:
-                messages = await sub.fetch(64, timeout=1)
+                messages = await sub.fetch(USAGE_FETCH, timeout=1)
             except TimeoutError:  # nats-py raises its own TimeoutError or asyncio's, by code path
                 continue
             except Exception as exc:  # e.g. NATS reconnecting: the consumer must outlive it
@@ -79,6 +85,9 @@ async def consume_usage(nc: NATS, accounts: Accounts, stop: asyncio.Event) -> No
                 except Exception:
                     log.exception("usage event not settled; it will be redelivered")
                     await msg.nak(delay=2)
+            if len(messages) < USAGE_FETCH:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), USAGE_LINGER)
     finally:
         # nats-py: drain() hangs after a timed-out fetch unless the pull subscription is gone first.
         await sub.unsubscribe()

@@ -46,6 +46,8 @@ class _Cache:
         self.identity: bus.NodeIdentity | None = None
         self.identity_at = -math.inf
         self.refreshing: asyncio.Task | None = None
+        self.labelled: bus.Catalog | None = None  # the catalog `model_ids` was taken from
+        self.model_ids: frozenset[str] = frozenset()  # its model ids and upstream ids (metric labels)
 
 
 CACHE = web.AppKey("catalog_cache", _Cache)
@@ -174,10 +176,13 @@ def metric_model(app: web.Application, model: str) -> str:
     """A bounded `model` label: a model of the cached catalog (id or upstream id), "" for none, else "unknown"."""
     if not model:
         return ""
-    catalog = app[CACHE].catalog
-    if catalog and any(model in (entry.id, entry.upstream_id) for entry in catalog.models):
-        return model
-    return "unknown"
+    cache = app[CACHE]
+    if cache.catalog is not cache.labelled:  # a new catalog: the set of its ids, for an O(1) look-up per call
+        cache.labelled = cache.catalog
+        cache.model_ids = frozenset(
+            name for entry in (cache.catalog.models if cache.catalog else ()) for name in (entry.id, entry.upstream_id)
+        )
+    return model if model in cache.model_ids else "unknown"
 
 
 def usd_per_msat(app: web.Application) -> float | None:

@@ -34,7 +34,7 @@ from services.gateway.routing import Router, headers_for
 from shared import bus
 from shared.config import Settings
 from shared.messaging import BusError
-from shared.metrics import GatewayMetrics
+from shared.metrics import GatewayMetrics, child
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +154,9 @@ class Proxy:
         self.router = router
         self.background: set[asyncio.Task] = set()
         self.quoter: Quoter | None = None  # NUT-24 pre-check and payment requests (set by the app)
+        self._waiting: dict[asyncio.Task, web.Request] = {}  # calls waiting for their upstream's answer
+        self._abandoned: set[asyncio.Task] = set()  # ... whose wait was cancelled as their client left
+        self._watcher: asyncio.Task | None = None
 
     # ---- entry points --------------------------------------------------------------------------
 
@@ -182,7 +185,7 @@ class Proxy:
         try:
             cred = credential(request)
         except CredentialError as exc:
-            self.metrics.payments.labels("unknown", exc.code).inc()
+            child(self.metrics.payments, "unknown", exc.code).inc()
             pay = None
             if exc.code == "missing_api_key" and self.quoter is not None:  # NUT-24: say what would pay
                 cost = await self.quoter.max_cost_msat(model.strip(), prompt_estimate, limit)
@@ -195,7 +198,7 @@ class Proxy:
         try:
             await self.billing.ensure_account(cred)
         except BusError as exc:
-            self.metrics.payments.labels(cred.mode, exc.error.code).inc()
+            child(self.metrics.payments, cred.mode, exc.error.code).inc()
             return from_bus(exc.error)
 
         reserve = bus.Reserve(
@@ -205,13 +208,13 @@ class Proxy:
         try:
             reserved = await self.billing.reserve(reserve)
         except BusError as exc:
-            self.metrics.payments.labels(cred.mode, exc.error.code).inc()
+            child(self.metrics.payments, cred.mode, exc.error.code).inc()
             headers = await self.change(cred)
             if exc.error.status == 402 and "X-Cashu" not in headers and self.quoter is not None:
                 cost = await self.quoter.max_cost_msat(model.strip(), prompt_estimate, limit)
                 headers = await self.quoter.header(cost) if cost is not None else headers
             return from_bus(exc.error, headers=headers)
-        self.metrics.payments.labels(cred.mode, "ok").inc()
+        child(self.metrics.payments, cred.mode, "ok").inc()
         request[MODEL] = reserved.model  # the forwarded id is set per route (`connect`; a form goes as sent)
         call = Call(request[REQUEST_ID], cred, path, body, reserved, prompt_estimate, form)
         return await self.forward(request, call)
@@ -225,7 +228,7 @@ class Proxy:
         face = token_face_sats(cred.token or "")
         if cost is None or face is None or face * 1000 >= cost:
             return None
-        self.metrics.payments.labels(cred.mode, "insufficient_balance").inc()
+        child(self.metrics.payments, cred.mode, "insufficient_balance").inc()
         message = f"Insufficient balance: {cost} msat required, the X-Cashu token holds {face * 1000} msat"
         return openai_error(402, message, "insufficient_balance", headers=await self.quoter.header(cost))
 
@@ -265,38 +268,44 @@ class Proxy:
 
     def _upstream_failure(self, exc: BaseException) -> web.Response:
         if isinstance(exc, TimeoutError):
-            self.metrics.upstream_errors.labels("timeout").inc()
+            child(self.metrics.upstream_errors, "timeout").inc()
             return openai_error(504, "The upstream provider timed out", "upstream_timeout")
-        self.metrics.upstream_errors.labels("unreachable").inc()
+        child(self.metrics.upstream_errors, "unreachable").inc()
         return openai_error(502, "The upstream provider is unreachable", "upstream_unavailable")
 
     async def _open(self, request: web.Request, url: str, data: bytes, headers: dict) -> aiohttp.ClientResponse | None:
         """POST upstream and wait for its answer's headers, within UPSTREAM_FIRST_BYTE_TIMEOUT.
 
-        Returns None when the client left while waiting (the upstream call is abandoned). Raises
-        aiohttp.ClientError or TimeoutError when the upstream cannot be reached or is too slow.
+        Returns None when the client left while waiting (`_watch_clients` cancels the wait, and the
+        upstream call is abandoned). Raises aiohttp.ClientError or TimeoutError when the upstream
+        cannot be reached or is too slow.
         """
-
-        async def post() -> aiohttp.ClientResponse:
+        task = asyncio.current_task()
+        self._waiting[task] = request
+        if self._watcher is None:
+            self._watcher = asyncio.ensure_future(self._watch_clients())
+        try:
             async with asyncio.timeout(self.settings.upstream_first_byte_timeout):
                 return await self.session.post(url, data=data, headers=headers)
-
-        task = asyncio.ensure_future(post())
-        try:
-            while not (await asyncio.wait({task}, timeout=CLIENT_CHECK_INTERVAL))[0]:
-                if request.transport is None or request.transport.is_closing():
-                    task.cancel()
-                    break
-            else:
-                return task.result()
         except asyncio.CancelledError:
-            task.cancel()
+            if task in self._abandoned:
+                self._abandoned.discard(task)
+                if task.uncancel() == 0:
+                    return None
             raise
-        try:
-            (await task).release()  # it answered just as it was abandoned
-        except (asyncio.CancelledError, aiohttp.ClientError, TimeoutError):
-            pass
-        return None
+        finally:
+            self._waiting.pop(task, None)
+
+    async def _watch_clients(self) -> None:
+        """Every CLIENT_CHECK_INTERVAL: cancel the upstream wait of each call whose client has gone (one
+        task for all calls, rather than a watcher per call on the hot path)."""
+        while True:
+            await asyncio.sleep(CLIENT_CHECK_INTERVAL)
+            for task, request in list(self._waiting.items()):
+                if request.transport is None or request.transport.is_closing():
+                    del self._waiting[task]
+                    self._abandoned.add(task)
+                    task.cancel()
 
     async def _chunks(self, upstream: aiohttp.ClientResponse, first: bytes = b""):
         """The upstream body as it arrives; TimeoutError after UPSTREAM_IDLE_TIMEOUT seconds without a byte."""
@@ -353,7 +362,7 @@ class Proxy:
         finally:
             upstream.release()
             model = self.metrics.model_label(call.reserved.model)
-            self.metrics.upstream_seconds.labels(model).observe(time.monotonic() - started)
+            child(self.metrics.upstream_seconds, model).observe(time.monotonic() - started)
 
     async def connect(self, request: web.Request, call: Call) -> aiohttp.ClientResponse | web.StreamResponse | None:
         """Try the call's routes in order until one answers; the answer's status line and headers are back.
@@ -388,14 +397,14 @@ class Proxy:
                 self.router.failed(upstream, "first_byte_timeout" if isinstance(exc, TimeoutError) else "connect_error")
                 failure = exc
                 if not last:
-                    self.metrics.provider_failovers.labels(upstream.slug).inc()
+                    child(self.metrics.provider_failovers, upstream.slug).inc()
                 continue
             if response is None:
                 return None
             if (response.status == 429 or response.status >= 500) and not last:
                 response.release()
                 self.router.failed(upstream, "http_429" if response.status == 429 else "http_5xx")
-                self.metrics.provider_failovers.labels(upstream.slug).inc()
+                child(self.metrics.provider_failovers, upstream.slug).inc()
                 continue
             if response.status == 429 or response.status >= 500:
                 self.router.failed(upstream, "http_429" if response.status == 429 else "http_5xx")
@@ -404,12 +413,12 @@ class Proxy:
             call.route, call.started = route, started
             call.meter.provider_type = upstream.provider_type
             model = self.metrics.model_label(call.reserved.model)
-            self.metrics.upstream_ttfb_seconds.labels(model).observe(time.monotonic() - started)
+            child(self.metrics.upstream_ttfb_seconds, model).observe(time.monotonic() - started)
             return response
         call.body["model"] = payload_model
         if failure is None:
             retry = str(max(1, math.ceil(wait))) if wait != math.inf else "5"
-            self.metrics.upstream_errors.labels("no_provider").inc()
+            child(self.metrics.upstream_errors, "no_provider").inc()
             return await self._refuse(call, openai_error(
                 503, "No upstream provider can serve this model right now; retry later", "upstream_unavailable",
                 headers={"Retry-After": retry}))  # fmt: skip
@@ -418,7 +427,7 @@ class Proxy:
     async def relay_error(self, call: Call, upstream: aiohttp.ClientResponse) -> web.Response:
         """An upstream error: relayed in the OpenAI shape, charged nothing, change returned; a 429 or 503
         keeps the upstream's Retry-After and rate-limit headers so SDKs back off."""
-        self.metrics.upstream_errors.labels(f"http_{upstream.status}").inc()
+        child(self.metrics.upstream_errors, f"http_{upstream.status}").inc()
         try:
             data = b"".join([chunk async for chunk in self._chunks(upstream)])
         except (aiohttp.ClientError, TimeoutError):
@@ -501,43 +510,46 @@ class Proxy:
         self.metrics.streams_in_flight.inc()
         framer = sse.EventFramer()
 
-        async def relay(raw: bytes) -> None:
+        def relay(events: list[bytes]) -> bytes:
+            """Meter the events one read completed; what goes to the client now, in one write."""
             nonlocal usage_report, answered
-            parsed = _event_json(raw)
-            role = call.meter.event(parsed) if parsed is not None else None
-            answered = answered or parsed is not None
-            if held or role == "usage":
-                usage_report = usage_report if held else parsed
-                held.append(raw)
-            else:
-                await response.write(raw)
+            out = []
+            for raw in events:
+                parsed = _event_json(raw)
+                role = call.meter.event(parsed) if parsed is not None else None
+                answered = answered or parsed is not None
+                if held or role == "usage":
+                    usage_report = usage_report if held else parsed
+                    held.append(raw)
+                else:
+                    out.append(raw)
+            return b"".join(out)
 
         try:
             try:
                 async for chunk in self._chunks(upstream, head):
-                    for raw in framer.feed(chunk):
-                        await relay(raw)
+                    if out := relay(framer.feed(chunk)):
+                        await response.write(out)
                 tail = framer.close()
                 if tail:  # an event the upstream never terminated: still the client's, and counted
-                    await relay(tail + sse.terminator(tail))
+                    if out := relay([tail + sse.terminator(tail)]):
+                        await response.write(out)
             except (aiohttp.ClientError, TimeoutError) as exc:
                 # The upstream died or went silent mid-stream: relay the whole events it sent before (an event it
                 # broke off is dropped), tell the client inside the stream, charge what it got.
-                for raw in framer.feed(_received_before_failure(upstream)):
-                    await relay(raw)
-                self.metrics.upstream_errors.labels("midstream").inc()
+                if out := relay(framer.feed(_received_before_failure(upstream))):
+                    await response.write(out)
+                child(self.metrics.upstream_errors, "midstream").inc()
                 log.warning("upstream stream failed: %s", exc.__class__.__name__)
                 failed = True
                 call.meter.reported = None
             # A stream that carried no answer at all (empty, or only keep-alives and `[DONE]`) costs nothing.
             settled = await self.finish(call, upstream.status, failed=not answered)
-            for index, raw in enumerate(held):
-                if index == 0 and usage_report is not None:
-                    raw = self._costed_report(call, raw, usage_report, settled, client_wants_usage)
-                await response.write(raw)
+            if held and usage_report is not None:
+                held[0] = self._costed_report(call, held[0], usage_report, settled, client_wants_usage)
             if failed:
-                await response.write(_midstream_error(call))
-            await response.write_eof()
+                held.append(_midstream_error(call))
+            await response.write_eof(b"".join(held))
         except (ConnectionError, asyncio.CancelledError) as exc:
             # The client went away: stop reading upstream (the finally releases it), settle what it got.
             self._spawn(self._close_out(call, settle=True))
@@ -575,7 +587,7 @@ class Proxy:
             # Even the stream publish failed (NATS down): the sweeper releases the reservation.
             log.exception("could not record usage for %s", call.request_id)
             return None
-        self.metrics.usage_published.labels(usage.source).inc()  # settled at once, or safe in the stream
+        child(self.metrics.usage_published, usage.source).inc()  # settled at once, or safe in the stream
         return settled
 
     async def _close_out(self, call: Call, settle: bool) -> None:
@@ -605,6 +617,8 @@ class Proxy:
 
     async def drain(self) -> None:
         """On shutdown: let settlements and change that are under way finish."""
+        if self._watcher is not None:
+            self._watcher.cancel()
         if self.background:
             await asyncio.wait(self.background, timeout=10)
 

@@ -20,7 +20,7 @@ from nats.aio.client import Client as NATS
 from shared import bus
 from shared.messaging import BusError
 from shared.messaging import request as ask
-from shared.metrics import GatewayMetrics
+from shared.metrics import GatewayMetrics, child
 from shared.upstream_auth import auth_headers
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ class Router:
             self.upstreams = {u.slug: u for u in found.upstreams}
             self.fetched_at = time.monotonic()
             for slug in self.upstreams:
-                self.metrics.provider_up.labels(slug).set(0 if self._cooling(slug) else 1)
+                child(self.metrics.provider_up, slug).set(0 if self._cooling(slug) else 1)
             return self.upstreams
 
     async def candidates(
@@ -89,19 +89,19 @@ class Router:
 
     def failed(self, upstream: bus.Upstream, reason: str) -> None:
         """A failure before the first byte: count it and cool the provider down."""
-        self.metrics.provider_calls.labels(upstream.slug, reason).inc()
+        child(self.metrics.provider_calls, upstream.slug, reason).inc()
         if not self._cooling(upstream.slug):
-            self.metrics.provider_cooldowns.labels(upstream.slug).inc()
+            child(self.metrics.provider_cooldowns, upstream.slug).inc()
             log.warning("provider %s failed (%s); cooling down for %gs", upstream.slug, reason, self.cooldown)
         self.cooling_until[upstream.slug] = time.monotonic() + self.cooldown
-        self.metrics.provider_up.labels(upstream.slug).set(0)
+        child(self.metrics.provider_up, upstream.slug).set(0)
 
     def answered(self, upstream: bus.Upstream, seconds: float) -> None:
         """The provider answered (any status but 429/5xx): its breaker closes."""
-        self.metrics.provider_calls.labels(upstream.slug, "ok").inc()
-        self.metrics.provider_ttfb_seconds.labels(upstream.slug).observe(seconds)
+        child(self.metrics.provider_calls, upstream.slug, "ok").inc()
+        child(self.metrics.provider_ttfb_seconds, upstream.slug).observe(seconds)
         self.cooling_until.pop(upstream.slug, None)
-        self.metrics.provider_up.labels(upstream.slug).set(1)
+        child(self.metrics.provider_up, upstream.slug).set(1)
 
 
 def headers_for(upstream: bus.Upstream, path: str = "") -> dict[str, str]:
