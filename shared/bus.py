@@ -45,6 +45,9 @@ DISCOVERY_IDENTITY_SET = "discovery.identity.set"  # IdentitySet -> NodeIdentity
 BILLING_CREDIT_CONTROL = "billing.quota"  # CreditControl -> QuotaAnswer | Error (CCR / CCA)
 BILLING_RATE = "billing.rate"  # RateQuery -> Rating | Error (a model's price, for local rating)
 QUOTA_RECALL = "quota.recall"  # Recall, core NATS fan-out to every gateway (RFC 4006 Re-Auth-Request)
+# GatewayAlive, core NATS fan-out to every billing: a gateway's heartbeat. The X-Cashu reservations of a gateway
+# not heard from for GATEWAY_GONE_AFTER seconds (it was killed mid-call) are released by billing's sweeper.
+GATEWAY_ALIVE = "events.gateway.alive"
 
 # Events (core NATS): the catalog changed, so discovery republishes and gateways drop caches.
 EVENT_CATALOG_CHANGED = "events.catalog.changed"
@@ -85,6 +88,7 @@ class Reserve(msgspec.Struct, tag="reserve", frozen=True):
     prompt_tokens: int  # the gateway's estimate of the prompt
     max_tokens: int | None  # the client's cap on completion tokens, if any
     path: str = "/v1/chat/completions"
+    gateway: str = ""  # the reserving gateway's instance id (GatewayAlive), so billing can tell the call lost
 
 
 class Price(msgspec.Struct, frozen=True):
@@ -306,6 +310,17 @@ class Rating(msgspec.Struct, tag="rating", frozen=True):
     routes: tuple[Route, ...] = ()  # as in `Reserved`: where to forward, and each route's price
 
 
+class GatewayAlive(msgspec.Struct, tag="gateway_alive", frozen=True):
+    """A gateway's heartbeat (GATEWAY_ALIVE): `instance` is new at each start; the next comes within
+    `every_seconds` (billing waits at least 3 of those before it calls the gateway gone). `calls` are the
+    request ids of its X-Cashu calls in flight (None: too many to list); an open reservation of a call not
+    listed has lost its caller (`services.billing.liveness`)."""
+
+    instance: str
+    every_seconds: float
+    calls: tuple[str, ...] | None = None
+
+
 class Recall(msgspec.Struct, tag="recall", frozen=True):
     """Every gateway holding a grant on `key_hash` gives back its unused units and ends the grant."""
 
@@ -522,7 +537,7 @@ Message = (
     | Redeem | Redeemed | Issue | Issued | Pay | Paid | HoldingsQuery | Holdings | PubkeyQuery | NodePubkey
     | InfoQuery | NodeIdentity | ProvidersQuery | Providers | IdentitySet
     | RefundQuery | PayoutAbort | PayoutOutcome
-    | CreditControl | QuotaAnswer | RateQuery | Rating | Recall | UsageBatch
+    | CreditControl | QuotaAnswer | RateQuery | Rating | Recall | UsageBatch | GatewayAlive
     | AdminCall | AdminAnswer
     | UpstreamsQuery | Upstreams
 )  # fmt: skip
@@ -575,7 +590,7 @@ ROLES: dict[str, Role] = {
     "gateway": Role(
         requests=("billing.>", "discovery.>", WALLET_PUBKEY),
         deny=(BILLING_CREATE_KEY, BILLING_RECONCILE, DISCOVERY_IDENTITY_SET),
-        publishes=(USAGE_SUBJECT,),
+        publishes=(USAGE_SUBJECT, GATEWAY_ALIVE),
         listens=(EVENT_CATALOG_CHANGED, QUOTA_RECALL, EVENT_IDENTITY_CHANGED),
         jetstream=_USAGE_STREAM_ADMIN,
     ),
@@ -583,7 +598,7 @@ ROLES: dict[str, Role] = {
     "billing": Role(
         requests=("wallet.>", DISCOVERY_IDENTITY_SET),  # the admin API's PATCH /admin/api/nsec
         publishes=(EVENT_CATALOG_CHANGED, EVENT_PROVIDERS_CHANGED, QUOTA_RECALL),
-        listens=(EVENT_PROVIDERS_CHANGED,),
+        listens=(EVENT_PROVIDERS_CHANGED, GATEWAY_ALIVE),
         jetstream=(
             *_USAGE_STREAM_ADMIN,
             f"$JS.API.CONSUMER.INFO.{USAGE_STREAM}.{USAGE_CONSUMER}",

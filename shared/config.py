@@ -158,6 +158,12 @@ SETTINGS_DOC: dict[str, tuple[str, str, bool]] = {
         "Seconds between passes that finish refunds and X-Cashu change left pending by a fault",
         False,
     ),
+    "GATEWAY_GONE_AFTER": (
+        "30",
+        "Seconds without a heartbeat (sent every sixth of this) after which a gateway counts as gone and billing"
+        " releases its X-Cashu calls' reservations",
+        False,
+    ),
     "QUOTA_VALIDITY_TIME": (
         "30",
         "Seconds a quota grant (RFC 4006 Validity-Time) lives unless its gateway renews it; a dead gateway's grant"
@@ -257,6 +263,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     lnurl_allow_loopback: bool = False
     dependency_timeout: int = 3
     pending_retry_seconds: int = 10
+    gateway_gone_after: int = 30
 
     def replace(self, **changes: Any) -> Settings:
         return msgspec.structs.replace(self, **changes)
@@ -389,6 +396,7 @@ def load_settings(
         lnurl_allow_loopback=_bool("LNURL_ALLOW_LOOPBACK", get("LNURL_ALLOW_LOOPBACK")),
         dependency_timeout=positive("DEPENDENCY_TIMEOUT"),
         pending_retry_seconds=positive("PENDING_RETRY_SECONDS"),
+        gateway_gone_after=positive("GATEWAY_GONE_AFTER"),
     )
 
 

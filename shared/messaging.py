@@ -100,7 +100,7 @@ class Responder:
 
     async def serve(self, subject: str, handler: Handler, deadline: float | None = None) -> None:
         """Answer `subject` with `handler`. With a `deadline` (seconds), a handler still running then (a
-        stopped database: asyncpg waits for its query's cancellation) earns the caller an `unavailable`
+        database slow to connect, a pool with every connection busy) earns the caller an `unavailable`
         503 at once and finishes in the background; every handler is idempotent, so a retry is safe."""
         too_slow = bus.encode(bus.Error("unavailable", f"{subject}: a dependency is slow or down; retry soon", 503, 2))
 

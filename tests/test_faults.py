@@ -36,8 +36,11 @@ from tests.test_gateway import CHAT, auth
 
 PRICES = {"FIXED_PRICING": "true", "FIXED_COST_PER_REQUEST": "1", "FIXED_PER_1K_INPUT_TOKENS": "1",
           "FIXED_PER_1K_OUTPUT_TOKENS": "1"}  # fmt: skip
-# Pending refunds retried every second; reservations of calls whose gateway died released after 5 s.
-FAST = {"PENDING_RETRY_SECONDS": "1", "DEPENDENCY_TIMEOUT": "2", "RESERVATION_TTL": "5", "LOG_LEVEL": "INFO"}
+GONE_AFTER = 6  # seconds: GATEWAY_GONE_AFTER here (heartbeats every second); RESERVATION_TTL stays 900
+# Pending refunds retried every second; X-Cashu reservations whose call is over (its gateway died, or it gave
+# up waiting for the reservation) released within about GONE_AFTER, by the gateways' heartbeats alone.
+FAST = {"PENDING_RETRY_SECONDS": "1", "DEPENDENCY_TIMEOUT": "2", "GATEWAY_GONE_AFTER": str(GONE_AFTER),
+        "LOG_LEVEL": "INFO"}  # fmt: skip
 TOKEN_SATS = 20
 SETTLE_WITHIN = 40.0  # seconds after a fault clears for every operation to end by itself
 
@@ -70,9 +73,11 @@ class Node:
         self.procs[service] = await self.cluster.start(service, f"{service}-{time.monotonic_ns()}", **{var: port})
 
 
-async def start_node(tmp_path: Path, nats: processes.Service, database_url: str, mint_url: str, upstream: str) -> Node:
+async def start_node(
+    tmp_path: Path, nats: processes.Service, database_url: str, mint_url: str, upstream: str, **overrides: str
+) -> Node:
     """Billing, wallet and gateway as processes, each on the bus as its own role (`nats` is the harness's NATS)."""
-    cluster = Cluster(node_env(nats, database_url, upstream, mint_url, **PRICES, **FAST), tmp_path)
+    cluster = Cluster(node_env(nats, database_url, upstream, mint_url, **{**PRICES, **FAST, **overrides}), tmp_path)
     node = Node(cluster, nats.url, database_url, mint_url)
     procs = await cluster.start_all(("billing", "billing"), ("wallet", "wallet"), ("gateway", "gateway"))
     node.procs = dict(zip(("billing", "wallet", "gateway"), procs, strict=True))
@@ -312,3 +317,216 @@ async def test_mint_paused_then_killed_and_restarted(tmp_path, own_nats, databas
         own_mint.process = processes.start_mint(tmp_path / "mint", port=port).process
 
     await survives(node, payer, pausing(own_mint), kill)
+
+
+# ---- Postgres stalled: deposits and refunds answer 503 at once, and settle once it is back ----------------------
+
+
+async def timed_post(http: aiohttp.ClientSession, url: str, **kwargs) -> tuple[int, dict, dict, float]:
+    """(status, headers, JSON body, seconds) of one POST."""
+    started = time.monotonic()
+    async with http.post(url, **kwargs) as response:
+        body = await response.json(content_type=None)
+        return response.status, dict(response.headers), body, time.monotonic() - started
+
+
+def refused_in_time(answer: tuple[int, dict, dict, float], bound: float) -> None:
+    """A dependency outage as the contract says: 503, Retry-After and a `detail`, within `bound` seconds."""
+    status, headers, body, seconds = answer
+    assert status == 503 and headers.get("Retry-After") and body.get("detail"), answer
+    assert seconds < bound, f"answered after {seconds:.1f}s: {answer}"
+
+
+async def until_ok(http: aiohttp.ClientSession, url: str, **kwargs) -> tuple[int, dict, dict, float]:
+    """POST until 200 (the dependency is back): a refused attempt must still be a quick 503 + Retry-After."""
+    deadline = time.monotonic() + SETTLE_WITHIN
+    while True:
+        answer = await timed_post(http, url, **kwargs)
+        if answer[0] == 200:
+            return answer
+        refused_in_time(answer, float(FAST["DEPENDENCY_TIMEOUT"]) + 2)
+        assert time.monotonic() < deadline, answer
+        await asyncio.sleep(0.5)
+
+
+async def test_postgres_stalled_deposits_and_refunds_answer_503_at_once(
+    tmp_path, own_nats, own_postgres, upstream, mint, client_wallet
+):
+    """Postgres frozen (SIGSTOP, so connections hang rather than fail): a top-up, a key made from a token
+    and a refund each answer 503 + Retry-After within DEPENDENCY_TIMEOUT + 2 s, however often retried;
+    once Postgres runs again the same requests succeed, each token is credited exactly once and the refund
+    pays out once. A token the wallet redeemed while billing's own write hung (a lock held on
+    billing.deposits) is credited by the client's retry of the same top-up."""
+    database = own_postgres.url.rsplit("/", 1)[0] + "/node"
+    node = await start_node(tmp_path, own_nats, database, mint.url, upstream)
+    bound = float(FAST["DEPENDENCY_TIMEOUT"]) + 2
+    gateway = node.gateway
+    topup_key, refund_key = await funded_key(node.nats_url, 1_000_000), await funded_key(node.nats_url, 7_000)
+    topup_token, create_token, locked_token = [await client_wallet.token(TOKEN_SATS) for _ in range(3)]
+    topup = {"url": f"{gateway}/v1/balance/topup", "json": {"cashu_token": topup_token}, "headers": auth(topup_key)}
+    create = {"url": f"{gateway}/v1/balance/create", "json": {"initial_balance_token": create_token}}
+    refund = {"url": f"{gateway}/v1/balance/refund", "headers": auth(refund_key)}
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
+            signal_tree(own_postgres.process.pid, signal.SIGSTOP)
+            try:
+                for _ in range(2):  # a client retrying during the stall gets the same quick answer
+                    answers = await asyncio.gather(*(timed_post(http, **r) for r in (topup, create, refund)))
+                    print("\nPostgres stalled:", [(a[0], round(a[3], 2), a[2].get("detail")) for a in answers])
+                    for answer in answers:
+                        refused_in_time(answer, bound)
+            finally:
+                signal_tree(own_postgres.process.pid, signal.SIGCONT)
+
+            _, _, topped, _ = await until_ok(http, **topup)
+            assert topped["msats"] == TOKEN_SATS * 1000 and topped["balance"] == 1_000_000 + TOKEN_SATS * 1000, topped
+            _, _, again, _ = await until_ok(http, **topup)  # a repeat is answered, not credited again
+            assert again["balance"] == topped["balance"], again
+            _, _, created, _ = await until_ok(http, **create)
+            assert created["balance"] == TOKEN_SATS * 1000, created
+            _, _, paid, _ = await until_ok(http, **refund)
+            assert paid["msats"] == "7000" and await client_wallet.receive(paid["token"]) == 7, paid
+            assert (await until_ok(http, **refund))[2]["refund_id"] == paid["refund_id"]  # a replay
+
+            # Billing's write hangs while the wallet's do not: the token is redeemed, its credit is not written.
+            locked = {**topup, "json": {"cashu_token": locked_token}}
+            holder = await asyncpg.connect(database)
+            try:
+                async with holder.transaction():
+                    await holder.execute("LOCK TABLE billing.deposits IN EXCLUSIVE MODE")  # reads pass, writes wait
+                    refused_in_time(await timed_post(http, **locked), bound)
+                    assert await client_wallet.is_spent(locked_token)  # the node holds its proofs now
+            finally:
+                await holder.close()
+            _, _, credited, _ = await until_ok(http, **locked)
+            assert credited["msats"] == TOKEN_SATS * 1000, credited
+            assert credited["balance"] == topped["balance"] + TOKEN_SATS * 1000, credited
+        db = await asyncpg.connect(database)
+        try:
+            assert await db.fetchval("SELECT count(*) FROM billing.refunds WHERE state = 'pending'") == 0
+            assert await db.fetchval("SELECT count(*) FROM billing.deposits") == 3
+        finally:
+            await db.close()
+        result = await reconcile(node.nats_url)
+        assert result.difference_msat == 0 and result.covered, result
+    finally:
+        await node.cluster.stop()
+
+
+# ---- a gateway killed mid-call: its X-Cashu reservations end within GATEWAY_GONE_AFTER ----------------------------
+
+
+async def xcashu_call(http: aiohttp.ClientSession, url: str, token: str, content: str, stream: bool) -> tuple:
+    """(status, change token or None) of one X-Cashu call; the status is the exception's name when cut off."""
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": content}], "max_tokens": 20,
+            "stream": stream}  # fmt: skip
+    try:
+        async with http.post(f"{url}{CHAT}", json=body, headers={"X-Cashu": token}) as response:
+            await response.read()
+            return response.status, response.headers.get("X-Cashu")
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        return exc.__class__.__name__, None
+
+
+def key_hash_of(token: str) -> str:
+    key = "sk-" + hashlib.sha256(token.encode()).hexdigest()
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+async def test_xcashu_reservations_without_a_caller_end_within_gone_after(
+    tmp_path, own_nats, database, upstream, mint, client_wallet
+):
+    """X-Cashu reservations whose call is over end within about GATEWAY_GONE_AFTER (RESERVATION_TTL is 900 s),
+    uncharged, and each token's value is then collectable as change with the same X-Cashu header:
+
+    1. `billing.reserve` answers the gateway 503 (Postgres slow: the reservations table locked) but makes the
+       reservation afterwards; the live gateway's heartbeats do not name the call, so billing releases it.
+    2. kill -9 of a gateway with X-Cashu calls in flight (streamed and not): billing releases its reservations
+       once its heartbeats stop. A second gateway, alive, has a stream running three times
+       GATEWAY_GONE_AFTER: its reservation is not released under it, and the call is charged once."""
+    # DEPENDENCY_TIMEOUT 8: the reserve statement waits out the lock below, the gateway's 5 s bus timeout does not.
+    node = await start_node(tmp_path, own_nats, database, mint.url, upstream, DEPENDENCY_TIMEOUT="8")
+    alive = await node.cluster.start("gateway", "gateway-alive")
+    load = Load(node, "", [])
+    late, *doomed = [await client_wallet.token(TOKEN_SATS) for _ in range(4)]
+    survivor = await client_wallet.token(TOKEN_SATS)
+    db = await asyncpg.connect(database)
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
+            locker = await asyncpg.connect(database)  # pg_stat_activity is a snapshot inside a transaction
+            try:
+                async with locker.transaction():
+                    await locker.execute("LOCK TABLE billing.reservations IN EXCLUSIVE MODE")  # reads pass, writes wait
+                    call = asyncio.ensure_future(xcashu_call(http, node.gateway, late, "hello [[tokens:3]]", False))
+                    for _ in range(200):  # the gateway gave up on the reservation and asks for the change
+                        if await db.fetchval(
+                            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                            " AND query = 'SELECT * FROM billing.keys WHERE key_hash = $1 FOR UPDATE'"
+                        ):
+                            break
+                        await asyncio.sleep(0.1)
+                    else:
+                        raise AssertionError(f"the gateway did not give up on billing.reserve: {call}")
+            finally:
+                await locker.close()
+            # Unlocked: the reservation is made now, so the change waits for it (425) and comes later.
+            status, change = await call
+            assert status == 503 and change is None, status
+            made = time.monotonic()
+            opened = "SELECT count(*) FROM billing.reservations WHERE state = 'open' AND key_hash = $1"
+            assert await db.fetchval(opened, key_hash_of(late)) == 1  # made after the caller gave up
+            while await db.fetchval(opened, key_hash_of(late)):
+                assert time.monotonic() - made < GONE_AFTER + 8, "a reservation without a call is still open"
+                await asyncio.sleep(0.2)
+            print(f"\na reservation made after its caller gave up released {time.monotonic() - made:.1f}s later")
+            load.sent[late] = []
+
+            calls = [
+                asyncio.ensure_future(xcashu_call(http, node.gateway, doomed[0], "[[tokens:10]] [[slow:30]]", True)),
+                asyncio.ensure_future(xcashu_call(http, node.gateway, doomed[1], "[[tokens:10]] [[slow:30]]", True)),
+                asyncio.ensure_future(xcashu_call(http, node.gateway, doomed[2], "hi [[slow:30]]", False)),
+            ]
+            long_stream = f"[[tokens:10]] [[slow:{3 * GONE_AFTER}]]"
+            kept = asyncio.ensure_future(xcashu_call(http, alive.url, survivor, long_stream, True))
+            for _ in range(300):  # every call holds its reservation
+                if await db.fetchval("SELECT count(*) FROM billing.reservations WHERE state = 'open'") == 4:
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                raise AssertionError("the calls did not all reserve")
+            node.procs["gateway"].process.kill()
+            node.procs["gateway"].process.wait()
+            killed = time.monotonic()
+            doomed_hashes = [key_hash_of(token) for token in doomed]
+            while await db.fetchval(
+                "SELECT count(*) FROM billing.reservations WHERE state = 'open' AND key_hash = ANY($1::text[])",
+                doomed_hashes,
+            ):
+                assert time.monotonic() - killed < GONE_AFTER + 8, "a dead gateway's reservations are still open"
+                await asyncio.sleep(0.2)
+            released_after = time.monotonic() - killed
+            print(f"\nreservations of the killed gateway released {released_after:.1f}s after kill -9")
+            assert released_after > GONE_AFTER - 1  # by its silence, not sooner
+            assert not kept.done()  # the live gateway's stream runs on, its reservation still held
+            kept_state = "SELECT state FROM billing.reservations WHERE key_hash = $1"
+            assert await db.fetchval(kept_state, key_hash_of(survivor)) == "open"
+            assert 200 not in [status for status, _ in await asyncio.gather(*calls)]  # cut off
+            status, change = await kept
+            assert status == 200, status
+            load.sent.update({token: [] for token in doomed})
+            load.sent[survivor] = [change] if change else []
+        charged = await db.fetchval(
+            "SELECT cost_msat FROM billing.settlements WHERE key_hash = $1", key_hash_of(survivor)
+        )
+        assert charged and charged > 0, charged  # the long stream was charged, once
+        assert (
+            await db.fetchval(
+                "SELECT count(*) FROM billing.settlements WHERE key_hash = ANY($1::text[])", doomed_hashes
+            )
+            == 0
+        )  # the cut-off calls are free
+        await node.restart("gateway")
+        await assert_nothing_stuck(node, load, client_wallet)  # each token: charged + change = its value
+    finally:
+        await db.close()
+        await node.cluster.stop()

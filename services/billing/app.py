@@ -19,6 +19,7 @@ from services.billing.catalog import Catalog, load_models_file
 from services.billing.grants import Grants
 from services.billing.invoice_watcher import INVOICE_WATCH_EVERY, credit_paid_invoices
 from services.billing.ledger import Ledger, LedgerError
+from services.billing.liveness import Liveness
 from services.billing.providers import ProviderStore, load_providers_file, shorthand_provider
 from shared import bus, db, messaging, tls
 from shared.config import Settings
@@ -40,7 +41,9 @@ SUBJECTS = (
     bus.BILLING_INVOICE_STATUS, bus.BILLING_UPSTREAMS, bus.BILLING_CREDIT_CONTROL, bus.BILLING_RATE,
     bus.BILLING_REFUND_STATUS,
 )  # fmt: skip
-WAITS_ON_WALLET = {  # answered after a wallet call (a mint): bounded by the caller's bus.MINT_TIMEOUT instead
+# Answered after a wallet call (a mint): bounded by the caller's bus.MINT_TIMEOUT instead. Their database
+# work is bounded all the same: each statement by DEPENDENCY_TIMEOUT (shared.db drops a stalled connection).
+WAITS_ON_WALLET = {
     bus.BILLING_DEPOSIT, bus.BILLING_REFUND, bus.BILLING_RECONCILE, bus.BILLING_INVOICE_CREATE,
     bus.BILLING_INVOICE_STATUS,
 }  # fmt: skip
@@ -189,12 +192,26 @@ async def _resources(app: web.Application):
             log.exception("catalog not rebuilt after a provider change")
 
     await nc.subscribe(bus.EVENT_PROVIDERS_CHANGED, cb=providers_changed)
+    liveness = Liveness(settings.gateway_gone_after)
+
+    async def gateway_alive(msg) -> None:
+        try:
+            alive = bus.decode(msg.data)
+        except Exception:
+            return
+        if isinstance(alive, bus.GatewayAlive):
+            liveness.heard_from(alive)
+
+    await nc.subscribe(bus.GATEWAY_ALIVE, cb=gateway_alive)
 
     async def sweep() -> None:
         expired = await ledger.expire(settings.reservation_ttl)
         if expired:
             metrics.reservations_expired.inc(expired)
             log.warning("released %d reservations whose usage never came", expired)
+        released = await liveness.release_lost(ledger, nc)  # X-Cashu calls whose gateway died or gave up
+        if released:
+            metrics.reservations_expired.inc(released)
         await grants.expire()
 
     async def finish_refunds() -> None:
@@ -216,11 +233,10 @@ async def _resources(app: web.Application):
         await credit_paid_invoices(pool, accounts)
 
     stop = asyncio.Event()
+    ttl, gone = settings.reservation_ttl, settings.gateway_gone_after
     tasks = [
         asyncio.create_task(consume_usage(nc, accounts, stop)),
-        asyncio.create_task(
-            every(min(SWEEP_EVERY, settings.reservation_ttl / 2, settings.quota_validity_time / 4), sweep, stop)
-        ),
+        asyncio.create_task(every(min(SWEEP_EVERY, ttl / 2, settings.quota_validity_time / 4, gone / 4), sweep, stop)),
         asyncio.create_task(every(GAUGES_EVERY, gauges, stop)),
         asyncio.create_task(every(CATALOG_REFRESH, refresh_catalog, stop)),
         asyncio.create_task(every(settings.pending_retry_seconds, finish_refunds, stop)),

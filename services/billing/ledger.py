@@ -204,11 +204,12 @@ class Ledger:
         """Hold `amount` with one conditional UPDATE (in `billing.reserve`): concurrent calls on one key can
         never overspend, and a retried request gets its existing hold back. `routes` are passed on to the
         gateway (where to forward, best first)."""
-        args = (message.key_hash, message.request_id, uuid.uuid4().hex, model, amount, bus.encode(price))
+        args = (message.key_hash, message.request_id, uuid.uuid4().hex, model, amount, bus.encode(price),
+                message.gateway)  # fmt: skip
         try:
-            row = await self.pool.fetchrow("SELECT * FROM billing.reserve($1, $2, $3, $4, $5, $6)", *args)
+            row = await self.pool.fetchrow("SELECT * FROM billing.reserve($1, $2, $3, $4, $5, $6, $7)", *args)
         except asyncpg.UniqueViolationError:  # the same request raced itself: the winner's hold is the answer
-            row = await self.pool.fetchrow("SELECT * FROM billing.reserve($1, $2, $3, $4, $5, $6)", *args)
+            row = await self.pool.fetchrow("SELECT * FROM billing.reserve($1, $2, $3, $4, $5, $6, $7)", *args)
         if row["outcome"] == "unknown_key":
             raise LedgerError(fail("unknown_key", "Invalid API key: no such key", 401))
         if row["outcome"] == "insufficient":
@@ -251,28 +252,28 @@ class Ledger:
 
     async def expire(self, ttl_seconds: int) -> int:
         """Release reservations whose usage never came (the sweeper); each release is a ledger entry."""
-        expired = 0
         async with self.pool.acquire() as conn:
             ids = await conn.fetch(
                 "SELECT reservation_id FROM billing.reservations WHERE state = 'open'"
                 " AND created_at < now() - make_interval(secs => $1) LIMIT 500", float(ttl_seconds),
             )  # fmt: skip
-            for record in ids:
-                async with conn.transaction():
-                    row = await conn.fetchrow(
-                        "UPDATE billing.reservations SET state = 'expired' WHERE reservation_id = $1"
-                        " AND state = 'open' RETURNING key_hash, amount_msat", record["reservation_id"],
-                    )  # fmt: skip
-                    if row is None:
-                        continue
-                    await conn.execute(
-                        "UPDATE billing.keys SET reserved_msat = reserved_msat - $2 WHERE key_hash = $1",
-                        row["key_hash"], row["amount_msat"],
-                    )  # fmt: skip
-                    await _entry(conn, f"expire:{record['reservation_id']}", "expire", held(row["key_hash"]),
-                                 user(row["key_hash"]), row["amount_msat"], row["key_hash"])  # fmt: skip
-                    expired += 1
-        return expired
+            return await _release(conn, ids)
+
+    async def open_calls(self, limit: int = 10_000) -> list[asyncpg.Record]:
+        """The open reservations that name their gateway (X-Cashu calls): reservation_id, request_id, gateway."""
+        return await self.pool.fetch(
+            "SELECT reservation_id, request_id, gateway FROM billing.reservations WHERE state = 'open'"
+            " AND gateway <> '' LIMIT $1", limit,
+        )  # fmt: skip
+
+    async def release(self, reservation_ids: list[str]) -> int:
+        """Release these reservations if still open, uncharged: their calls are over without a settlement
+        (`services.billing.liveness`). Each release is a ledger entry (`expire:<id>`, so a sweeper racing
+        this one releases once); returns how many this call released."""
+        if not reservation_ids:
+            return 0
+        async with self.pool.acquire() as conn:
+            return await _release(conn, [{"reservation_id": r} for r in reservation_ids])
 
     async def open_reservations(self) -> int:
         return await self.pool.fetchval("SELECT count(*) FROM billing.reservations WHERE state = 'open'")
@@ -401,6 +402,28 @@ class Ledger:
             )
         balances = {r["account"]: int(r["balance"]) for r in rows}
         return {"owed": int(owed), "withdrawn": int(withdrawn), **balances}
+
+
+async def _release(conn: asyncpg.Connection, ids: list) -> int:
+    """Release each still-open reservation of `ids` (records with `reservation_id`), each in its own
+    transaction with its ledger entry; returns how many this call released."""
+    released = 0
+    for record in ids:
+        async with conn.transaction():
+            row = await conn.fetchrow(
+                "UPDATE billing.reservations SET state = 'expired' WHERE reservation_id = $1"
+                " AND state = 'open' RETURNING key_hash, amount_msat", record["reservation_id"],
+            )  # fmt: skip
+            if row is None:
+                continue
+            await conn.execute(
+                "UPDATE billing.keys SET reserved_msat = reserved_msat - $2 WHERE key_hash = $1",
+                row["key_hash"], row["amount_msat"],
+            )  # fmt: skip
+            await _entry(conn, f"expire:{record['reservation_id']}", "expire", held(row["key_hash"]),
+                         user(row["key_hash"]), row["amount_msat"], row["key_hash"])  # fmt: skip
+            released += 1
+    return released
 
 
 class _Repeat(Exception):

@@ -142,7 +142,10 @@ async def _resources(app: web.Application) -> None:
         connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=300),
         auto_decompress=True,
     )
-    billing = BillingClient(nc, nc.jetstream(), app[METRICS], hold_ttl=float(settings.upstream_timeout + 60))
+    billing = BillingClient(
+        nc, nc.jetstream(), app[METRICS], hold_ttl=float(settings.upstream_timeout + 60),
+        gone_after=settings.gateway_gone_after,
+    )  # fmt: skip
     await billing.start()
     router = Router(nc, app[METRICS], settings.upstream_cooldown)
 

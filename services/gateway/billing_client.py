@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 RATING_TTL = 30.0  # seconds a model's rating is used before billing is asked again (catalog events sooner)
 HOLD_PREFIX = "quota:"  # reservation ids of calls held against a grant
 STALE_HOLD_CHECK = 60.0  # seconds between looks for holds whose call never ended
+MAX_LISTED_CALLS = 20_000  # X-Cashu calls a heartbeat names at most (beyond, it names none: billing then waits)
 
 
 @dataclass(slots=True)
@@ -44,9 +46,18 @@ class _Hold:
 class BillingClient:
     """Every money question the gateway asks, in one place."""
 
-    def __init__(self, nc: NATS, js: JetStreamContext, metrics: GatewayMetrics, hold_ttl: float = 900.0):
+    def __init__(
+        self, nc: NATS, js: JetStreamContext, metrics: GatewayMetrics, hold_ttl: float = 900.0,
+        gone_after: float = 30.0,
+    ):  # fmt: skip
         self.nc = nc
         self.js = js
+        # Named in each X-Cashu reservation and announced every `gone_after / 6` s (`bus.GatewayAlive`) with
+        # the X-Cashu calls in flight (request id -> monotonic start): billing releases the reservation of a
+        # call no heartbeat names any more, and every one of this gateway's once the heartbeats stop.
+        self.instance = uuid.uuid4().hex
+        self._beat_every = gone_after / 6
+        self._calls: dict[str, float] = {}
         # Tokens already credited to their derived key: a token used as a Bearer is presented on
         # every call, and billing would answer "already credited" anyway, so skip the round trip.
         self._deposited: OrderedDict[str, None] = OrderedDict()
@@ -70,7 +81,27 @@ class BillingClient:
             await self.nc.subscribe(bus.QUOTA_RECALL, cb=self.quota.recall),
             await self.nc.subscribe(bus.EVENT_CATALOG_CHANGED, cb=catalog_changed),
         ]
-        self._tasks = [asyncio.ensure_future(self.quota.run(self._stop)), asyncio.ensure_future(self._sweep_holds())]
+        self._tasks = [
+            asyncio.ensure_future(self.quota.run(self._stop)),
+            asyncio.ensure_future(self._sweep_holds()),
+            asyncio.ensure_future(self._heartbeat()),
+        ]
+
+    async def _heartbeat(self) -> None:
+        """Tell billing this gateway is alive (fire and forget: while NATS is away, billing hears nobody and
+        waits for the bus to come back before it counts anyone gone)."""
+        while not self._stop.is_set():
+            limit = time.monotonic() - self._hold_ttl  # a call that never ended (a bug) stops holding its reservation
+            for request_id in [r for r, since in self._calls.items() if since < limit]:
+                del self._calls[request_id]
+            calls = tuple(self._calls) if len(self._calls) <= MAX_LISTED_CALLS else None
+            alive = bus.GatewayAlive(self.instance, self._beat_every, calls)
+            try:
+                await self.nc.publish(bus.GATEWAY_ALIVE, bus.encode(alive))
+            except Exception as exc:  # reconnecting with a full buffer, closed at shutdown
+                log.debug("heartbeat not sent: %s", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self._beat_every)
 
     async def close(self) -> None:
         """At shutdown, once no call is in flight: store pending usage, give every grant back."""
@@ -126,7 +157,13 @@ class BillingClient:
         Raises BusError: `insufficient_balance` (402), `unknown_key` (401), `model_not_found` (404), …
         """
         if message.key_hash in self._one_shot:
-            return await request(self.nc, bus.BILLING_RESERVE, message, bus.Reserved)
+            self._calls[message.request_id] = time.monotonic()  # before asking: a late reservation is still named
+            named = msgspec.structs.replace(message, gateway=self.instance)
+            try:
+                return await request(self.nc, bus.BILLING_RESERVE, named, bus.Reserved)
+            except BaseException:  # refused, timed out, or the client left: a reservation made after all is released
+                self._calls.pop(message.request_id, None)
+                raise
         rating = await self._rating(message.model)
         limit = rating.max_completion_tokens
         completion = message.max_tokens if message.max_tokens is not None and message.max_tokens >= 0 else limit
@@ -167,6 +204,8 @@ class BillingClient:
         except BusError:
             await self.record_usage(usage)
             return None
+        finally:  # settled, or stored in the stream (billing settles it before it may release it), or lost
+            self._calls.pop(usage.request_id, None)
 
     async def _charge(self, usage: bus.Usage) -> bus.Settled | None:
         """Charge a call held on a grant at its price (`shared.pricing.cost`, as billing settles it),
