@@ -7,11 +7,13 @@ production), funds one `sk-` key shared by every connection and 1,000 keys, and 
 - latency at a fixed rate, open loop (no coordinated omission): the stub directly, the bare proxy, the
   node with one key and with 1,000 keys; p50 / p99 and what the node adds over the bare proxy;
 - throughput at fixed concurrency, closed loop, non-streamed and streamed: the same four targets;
-- two gateways against one (1,000 keys, non-streamed);
+- a key's first call, which waits for a quota grant (100 keys never used before);
+- two gateways against one (1,000 keys, non-streamed), with how busy the machine's cores were;
 - billing's settlement rate: usage events drained from the stream per second by one replica;
 - the gateway's resident memory before and after 10,000 streamed calls.
 
-Every process shares this machine's cores with the load generator, so figures are noisy. It prints a
+Each run is preceded by a warm-up that calls every key once, so it measures the steady state. Every
+process shares this machine's cores with the load generator, so figures are noisy. It prints a
 table with the ratios and writes everything to `.run/bench.json`.
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -42,6 +45,7 @@ from shared import bus, messaging
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi [[tokens:16]]"}], "max_tokens": 32}
 STREAM = {**BODY, "stream": True, "stream_options": {"include_usage": True}}
 KEYS = 1000
+COLD_KEYS, COLD_RATE = 100, 50  # keys never used before, called once each at this rate (req/s)
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -93,8 +97,9 @@ async def _closed_loop(
 
     async def worker(i: int) -> None:
         nonlocal done, errors
-        url, h = urls[i % len(urls)], headers[i % len(headers)]
+        url, calls = urls[i % len(urls)], i
         while time.perf_counter() < deadline and not (limit and done + errors >= limit):
+            h, calls = headers[calls % len(headers)], calls + concurrency  # the workers take the keys in turn
             async with session.post(url, data=data, headers=h) as response:
                 await response.read()
                 if response.status == 200:
@@ -145,6 +150,22 @@ async def _settle_rate(nats_url: str, keys: list[str], events: int, batch: int =
     return {"events": events, "seconds": elapsed, "events_per_s": events / elapsed}
 
 
+@contextlib.contextmanager
+def _busy():
+    """The share of this machine's CPU time (all cores) spent busy inside the block: `with _busy() as busy:`,
+    then `busy()`. A run with the machine near 100 % busy is bound by the cores, not by the node."""
+
+    def times() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + fields[4]  # idle + iowait
+        return sum(fields) - idle, sum(fields)
+
+    start, result = times(), []
+    yield lambda: result[0]
+    end = times()
+    result.append((end[0] - start[0]) / max(end[1] - start[1], 1))
+
+
 def _rss_kb(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -154,7 +175,8 @@ def _rss_kb(pid: int) -> int:
 
 async def _measure(urls: dict[str, str], keys: list[str], args, gateway_pid: int, nats_url: str) -> dict:
     one_key = [{"Authorization": f"Bearer {keys[0]}", "Content-Type": "application/json"}]
-    many = [{"Authorization": f"Bearer {key}", "Content-Type": "application/json"} for key in keys[1:]]
+    many = [{"Authorization": f"Bearer {key}", "Content-Type": "application/json"} for key in keys[1 : KEYS + 1]]
+    cold = [{"Authorization": f"Bearer {key}", "Content-Type": "application/json"} for key in keys[KEYS + 1 :]]
     bare = [{"Authorization": "Bearer bench", "Content-Type": "application/json"}]
     targets = {
         "direct": ([urls["direct"]], bare), "bare proxy": ([urls["bare"]], bare),
@@ -163,18 +185,33 @@ async def _measure(urls: dict[str, str], keys: list[str], args, gateway_pid: int
     results: dict = {"latency": {}, "throughput": {}, "streamed": {}}
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
-        for target, headers in targets.values():  # warm up every path (grants, ratings, pools)
+
+        async def warm(target: list[str], headers: list[dict]) -> None:
+            """Calls right before a run (every key once, then a second more), so it measures the steady
+            state (pools open, every key's grant held) rather than what the previous runs left: a key idle
+            for longer than QUOTA_VALIDITY_TIME x 0.4 has given its grant back, and its next call waits for
+            a new one (the `cold key` figure)."""
+            await _closed_loop(session, target, headers, args.concurrency, 60, BODY, limit=len(headers))
             await _closed_loop(session, target, headers, args.concurrency, 1, BODY)
+
         for name, (target, headers) in targets.items():
+            await warm(target, headers)
             results["latency"][name] = await _open_loop(session, target[0], headers, args.rate, args.seconds)
         for name, (target, headers) in targets.items():
-            results["throughput"][name] = await _closed_loop(session, target, headers, args.concurrency,
-                                                             args.seconds, BODY)  # fmt: skip
+            await warm(target, headers)
+            with _busy() as busy:
+                results["throughput"][name] = await _closed_loop(session, target, headers, args.concurrency,
+                                                                 args.seconds, BODY)  # fmt: skip
+            results["throughput"][name]["cpu_busy"] = busy()
             results["streamed"][name] = await _closed_loop(session, target, headers, args.concurrency,
                                                            args.seconds, STREAM)  # fmt: skip
-        results["two_gateways"] = await _closed_loop(
-            session, [urls["gateway"], urls["gateway2"]], many, args.concurrency, args.seconds, BODY
-        )
+        # A key's first call on a gateway waits for a grant (a Credit-Control-Request round trip to billing).
+        results["cold_key"] = await _open_loop(session, urls["gateway"], cold, COLD_RATE, len(cold) / COLD_RATE)
+        both = [urls["gateway"], urls["gateway2"]]
+        await warm(both, many)
+        with _busy() as busy:
+            results["two_gateways"] = await _closed_loop(session, both, many, args.concurrency, args.seconds, BODY)
+        results["two_gateways"]["cpu_busy"] = busy()
         results["settlement"] = await _settle_rate(nats_url, keys, args.settle_events)
         await _closed_loop(session, [urls["gateway"]], many, args.concurrency, 60, STREAM, limit=1000)
         before = _rss_kb(gateway_pid)
@@ -215,10 +252,13 @@ def _report(results: dict, args) -> str:
         lines.append(f"| {name} | {t:,.0f} req/s{ratio} | {s:,.0f} req/s{sratio} | "
                      f"{la['p50_ms']:.2f} / {la['p99_ms']:.2f} ms | {added} |")  # fmt: skip
     two, one = results["two_gateways"]["rps"], thr["node, 1,000 keys"]["rps"]
-    memory, settle = results["memory"], results["settlement"]
+    memory, settle, cold = results["memory"], results["settlement"], results["cold_key"]
     lines += [
         "",
-        f"two gateways: {two:,.0f} req/s against one gateway's {one:,.0f} req/s ({two / one:.2f}x)",
+        f"two gateways: {two:,.0f} req/s against one gateway's {one:,.0f} req/s ({two / one:.2f}x); "
+        f"the machine's {results['settings']['cpus']} cores were {results['two_gateways']['cpu_busy']:.0%} busy "
+        f"with two and {thr['node, 1,000 keys']['cpu_busy']:.0%} with one",
+        f"a key's first call (waits for its grant): {cold['p50_ms']:.2f} / {cold['p99_ms']:.2f} ms p50 / p99",
         f"billing settles {settle['events_per_s']:,.0f} usage events/s (one replica, {settle['events']:,} events)",
         f"gateway RSS over {memory['streams']:,} streams: {memory['rss_before_kb'] / 1024:.1f} MiB -> "
         f"{memory['rss_after_kb'] / 1024:.1f} MiB ({memory['growth']:+.1%})",
@@ -271,7 +311,7 @@ def main() -> int:
             _wait_http(f"http://127.0.0.1:{port}/readyz")
         gateway_pid = children[-2].pid
         _wait_http(f"http://127.0.0.1:{bare_port}/v1/models")
-        keys = asyncio.run(_fund(bench_url, KEYS + 1))
+        keys = asyncio.run(_fund(bench_url, 1 + KEYS + COLD_KEYS))
         urls = {
             "direct": f"{upstream}/chat/completions", "bare": f"http://127.0.0.1:{bare_port}/v1/chat/completions",
             "gateway": f"http://127.0.0.1:{gateway_ports[0]}/v1/chat/completions",
