@@ -174,6 +174,7 @@ class KeyInfo(msgspec.Struct, tag="key_info", frozen=True):
     total_requests: int
     total_spent_msat: int
     credited_msat: int = 0  # what this call credited (deposit), 0 otherwise
+    refundable_msat: int | None = None  # the part of balance_msat a refund pays out (not operator credit)
 
 
 class Refund(msgspec.Struct, tag="refund", frozen=True):
@@ -229,9 +230,14 @@ class Reconciliation(msgspec.Struct, tag="reconciliation", frozen=True):
     paid_out_msat: int  # the operator's revenue withdrawn (POST /admin/withdraw, automatic payouts)
     difference_msat: int  # owed + revenue + fees - (redeemed + granted - refunded - paid_out); must be 0
     wallet_unspent_msat: int
-    covered: bool  # the wallet's unspent proofs cover the ecash the ledger says it holds
+    covered: bool  # wallet_unspent_msat >= required_msat: every user's refundable balance can be paid
     granted_msat: int = 0  # balances the operator created without ecash (`create-key`)
     lightning_in_msat: int = 0  # paid Lightning invoices (minted into the wallet)
+    refundable_msat: int = 0  # the part of owed_msat that is users' own ecash (not operator credit)
+    pending_refunds_msat: int = 0  # refunds debited from keys, not paid out yet
+    # Ecash the wallet must hold: refundable + pending refunds + the operator's revenue not backed by
+    # granted credit (revenue - granted credit spent, when positive).
+    required_msat: int = 0
 
 
 class InvoiceCreate(msgspec.Struct, tag="invoice_create", frozen=True):

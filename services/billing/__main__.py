@@ -5,14 +5,28 @@ import asyncio
 import hashlib
 import json
 import secrets
+import sys
 
 import msgspec
 
 from services.billing.admin.sessions import Sessions
 from services.billing.app import MIGRATIONS, create_app
+from services.billing.ledger import MAX_GRANT_MSAT
 from shared import bus, db, messaging
 from shared.config import Settings
+from shared.messaging import BusError
 from shared.service import Command, main
+
+
+def _msat(text: str) -> int:
+    """argparse type of `--msat`: a whole number of msat, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number of msat, not {text!r}") from None
+    if not 0 <= value <= MAX_GRANT_MSAT:
+        raise argparse.ArgumentTypeError(f"must be 0 to {MAX_GRANT_MSAT} msat, not {value}")
+    return value
 
 
 async def _create_key(settings: Settings, msat: int) -> str:
@@ -43,7 +57,12 @@ async def _admin_token(settings: Settings, name: str, days: int | None) -> dict:
 
 
 def create_key(settings: Settings, args: argparse.Namespace) -> int:
-    print(asyncio.run(_create_key(settings, args.msat)))
+    try:
+        key = asyncio.run(_create_key(settings, args.msat))
+    except BusError as exc:  # billing refused (e.g. invalid_amount) or is down: say so, no traceback
+        print(f"create-key: {exc.error.code}: {exc.error.message}", file=sys.stderr)
+        return 1
+    print(key)
     return 0
 
 
@@ -62,7 +81,9 @@ def admin_token(settings: Settings, args: argparse.Namespace) -> int:
 COMMANDS = {
     "create-key": Command(
         "create an sk- key funded by the operator and print it", create_key, ("NATS_URL",),
-        lambda p: p.add_argument("--msat", type=int, default=0, help="starting balance of the new key, in msat"),
+        lambda p: p.add_argument("--msat", type=_msat, default=0,
+                                 help="starting balance of the new key, in msat (operator credit: spendable, not"
+                                      " refundable)"),
     ),
     "reconcile": Command("prove the books (exit 1 when they do not balance)", reconcile, ("NATS_URL",)),
     "admin-token": Command(

@@ -231,6 +231,9 @@ class Accounts:
                     await self._settle_payout(refund, key_hash)
                 ended += 1
             except LedgerError as exc:
+                if exc.error.code == "insufficient_funds":  # ended: failed, its amount back on the key
+                    ended += 1
+                    continue
                 log.info("refund %s still pending: %s", refund.refund_id, exc.error.code)
         return ended
 
@@ -256,6 +259,17 @@ class Accounts:
                 raise LedgerError(exc.error) from None
             if refund.method == "lightning":
                 return await self._payout_failed(refund, key_hash, exc.error)
+            if exc.error.code == "insufficient_funds":
+                # The wallet holds less ecash than this user is owed: the books are wrong (mint fees, a bug), not
+                # the mint. Waiting would only pay it from other users' later deposits, so it ends here, failed
+                # with its amount back on the key (`GET /v1/balance/refund` shows it); the client may retry.
+                await self.ledger.cancel_refund(refund, key_hash)
+                log.error("refund %s failed: %s; its amount is back on the key", refund.refund_id, exc.error.message)
+                message = (
+                    "The node's wallet holds too little ecash to pay this refund (the node's fault, not the"
+                    " client's); the amount is back on the balance and the operator must top the wallet up"
+                )
+                raise LedgerError(bus.Error("insufficient_funds", message, 503, exc.error.retry_after or 30)) from None
             # Transient (mint down, timeout): the refund stays pending and a retry re-issues it.
             log.warning("refund %s pending: %s", refund.refund_id, exc.error.code)
             raise LedgerError(bus.Error("mint_unavailable", f"Refund pending: {exc.error.message}", 503, 5)) from None
@@ -321,6 +335,7 @@ class Accounts:
         """Prove the books: the keys table against the ledger, and the wallet's ecash against both."""
         books = await self.ledger.books()
         owed, withdrawn = books.pop("owed"), books.pop("withdrawn")
+        refundable, pending = books.pop("refundable"), books.pop("pending_refunds")
         revenue, fees = books.get("revenue", 0), books.get("fees:mint", 0)
         redeemed, granted = -books.get("ecash:in", 0), -books.get("operator:grants", 0)
         lightning_in = -books.get("lightning:in", 0)  # paid invoices: minted into the wallet like redeemed tokens
@@ -333,11 +348,17 @@ class Accounts:
             unspent = holdings.unspent_msat
         except BusError:
             unspent = -1
-        # Ecash the wallet must hold: what came in, less mint fees and what went out as tokens or payouts.
-        covered = unspent >= redeemed + lightning_in - fees - refunded - paid_out
+        # Ecash the wallet must hold: every user's refundable balance (their own ecash, not operator credit)
+        # and every refund not paid out yet, plus the operator's revenue beyond the granted credit spent
+        # (revenue earned from operator credit was never ecash). Counted from balances, not from flows:
+        # operator credit wrongly paid out as ecash, or mint fees paid from users' ecash, show as not covered.
+        granted_spent = granted - (owed - refundable)
+        required = refundable + pending + max(revenue - granted_spent, 0)
+        covered = unspent >= required
         self.metrics.reconcile_difference_msat.set(difference)
         return bus.Reconciliation(
             owed_msat=owed, revenue_msat=revenue, fees_msat=fees, redeemed_msat=redeemed, refunded_msat=refunded,
             paid_out_msat=paid_out, difference_msat=difference, wallet_unspent_msat=unspent, covered=covered,
-            granted_msat=granted, lightning_in_msat=lightning_in,
+            granted_msat=granted, lightning_in_msat=lightning_in, refundable_msat=refundable,
+            pending_refunds_msat=pending, required_msat=required,
         )  # fmt: skip

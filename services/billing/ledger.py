@@ -27,6 +27,21 @@ def held(key_hash: str) -> str:
     return f"held:{key_hash}"
 
 
+MAX_GRANT_MSAT = 21_000_000 * 100_000_000 * 1000  # every bitcoin there will ever be, in msat (fits a bigint)
+# The part of billing.keys' balance_msat that is not operator credit (see `refundable_msat`), in SQL.
+REFUNDABLE_SQL = "balance_msat - LEAST(balance_msat, GREATEST(0, granted_msat - total_spent_msat))"
+
+
+def refundable_msat(balance_msat: int, granted_msat: int, total_spent_msat: int) -> int:
+    """The part of a key's balance a refund may pay out as ecash, in msat.
+
+    Operator-granted credit (`create-key`) is spent first and never refunded: of the spending mark
+    `granted_msat` (see migration 022), `max(0, granted_msat - total_spent_msat)` is still unspent
+    credit, and the rest of the balance is the user's own ecash. Never negative, never above the balance.
+    """
+    return balance_msat - min(balance_msat, max(0, granted_msat - total_spent_msat))
+
+
 def fail(code: str, message: str, status: int, retry_after: int | None = None) -> bus.Error:
     return bus.Error(code, message, status, retry_after)
 
@@ -49,13 +64,16 @@ async def _entry(
 
 
 def _info(row: asyncpg.Record, credited: int = 0) -> bus.KeyInfo:
+    spendable = row["balance_msat"] - row["reserved_msat"]
+    refundable = refundable_msat(row["balance_msat"], row["granted_msat"], row["total_spent_msat"])
     return bus.KeyInfo(
         key_hash=row["key_hash"],
-        balance_msat=row["balance_msat"] - row["reserved_msat"],
+        balance_msat=spendable,
         reserved_msat=row["reserved_msat"],
         total_requests=row["total_requests"],
         total_spent_msat=row["total_spent_msat"],
         credited_msat=credited,
+        refundable_msat=min(spendable, refundable),  # what a refund would pay once held calls settled at most
     )
 
 
@@ -84,7 +102,11 @@ class Ledger:
         return bool(await self.pool.fetchval("SELECT 1 FROM billing.keys WHERE key_hash = $1", key_hash))
 
     async def grant(self, key_hash: str, msat: int, idempotency_key: str) -> bus.KeyInfo:
-        """An operator-funded key (`create-key`): the money comes from the operator, not from ecash."""
+        """An operator-funded key (`create-key`): the money comes from the operator, not from ecash, so it
+        can be spent on inference but is not refundable (`refundable_msat`). Raises `invalid_amount` (400)
+        for a negative or absurd `msat`, before anything changes."""
+        if not 0 <= msat <= MAX_GRANT_MSAT:
+            raise LedgerError(fail("invalid_amount", f"balance must be 0 to {MAX_GRANT_MSAT} msat, not {msat}", 400))
         async with self.pool.acquire() as conn, conn.transaction():
             done = await conn.fetchval(
                 "SELECT 1 FROM billing.ledger WHERE idempotency_key = $1", f"grant:{idempotency_key}"
@@ -92,8 +114,8 @@ class Ledger:
             await conn.execute("INSERT INTO billing.keys (key_hash) VALUES ($1) ON CONFLICT DO NOTHING", key_hash)
             if not done:
                 await conn.execute(
-                    "UPDATE billing.keys SET balance_msat = balance_msat + $2, last_refund_id = NULL"
-                    " WHERE key_hash = $1", key_hash, msat,
+                    "UPDATE billing.keys SET balance_msat = balance_msat + $2, last_refund_id = NULL,"
+                    " granted_msat = GREATEST(granted_msat, total_spent_msat) + $2 WHERE key_hash = $1", key_hash, msat,
                 )  # fmt: skip
                 await conn.execute(
                     "INSERT INTO billing.ledger (idempotency_key, kind, debit, credit, amount_msat, key_hash)"
@@ -285,7 +307,10 @@ class Ledger:
 
         A pending refund (the mint was down) is returned again so its retry re-issues with the same
         idempotency key; a key emptied by a refund (dust aside) that nothing was credited to since
-        replays that refund, so a client retrying after a lost response gets its token.
+        replays that refund, so a client retrying after a lost response gets its token. Only the
+        refundable part (`refundable_msat`, whole sats) is paid out: operator-granted credit stays on
+        the key, spendable. Raises `no_balance` / `balance_too_small` / `not_refundable` (400: nothing
+        but operator credit and dust), `refund_pending` (425: a call is still running), `unknown_key` (401).
         """
         async with self.pool.acquire() as conn, conn.transaction():
             key = await conn.fetchrow("SELECT * FROM billing.keys WHERE key_hash = $1 FOR UPDATE", key_hash)
@@ -300,14 +325,19 @@ class Ledger:
             if key["reserved_msat"] > 0:
                 raise LedgerError(fail("refund_pending", "A request on this key is still running", 425, 1))
             balance = key["balance_msat"]
-            if balance < pricing.MSAT_PER_SAT and key["last_refund_id"]:
+            refundable = refundable_msat(balance, key["granted_msat"], key["total_spent_msat"])
+            if refundable < pricing.MSAT_PER_SAT and key["last_refund_id"]:
                 last = await conn.fetchrow("SELECT * FROM billing.refunds WHERE refund_id = $1", key["last_refund_id"])
                 return _refunded(last, self.box)
             if balance == 0:
                 raise LedgerError(fail("no_balance", "No balance to refund", 400))
-            if balance < pricing.MSAT_PER_SAT:
+            if refundable < pricing.MSAT_PER_SAT and refundable < balance:
+                message = (f"No refundable balance: {balance - refundable} msat of this key's balance is credit the"
+                           " operator granted, spendable on inference but not refundable")  # fmt: skip
+                raise LedgerError(fail("not_refundable", message, 400))
+            if refundable < pricing.MSAT_PER_SAT:
                 raise LedgerError(fail("balance_too_small", "Balance too small to refund", 400))
-            amount = balance - balance % pricing.MSAT_PER_SAT
+            amount = refundable - refundable % pricing.MSAT_PER_SAT  # operator credit and dust stay on the key
             refund_id = uuid.uuid4().hex
             await conn.execute(
                 "UPDATE billing.keys SET balance_msat = balance_msat - $2 WHERE key_hash = $1", key_hash, amount
@@ -331,7 +361,7 @@ class Ledger:
                 " WHERE refund_id = $1 RETURNING *", refund.refund_id, self.box.seal(token) if token else None, fee,
             )  # fmt: skip
             await conn.execute(
-                "UPDATE billing.keys SET last_refund_id = $2 WHERE key_hash = $1 AND balance_msat < 1000",
+                f"UPDATE billing.keys SET last_refund_id = $2 WHERE key_hash = $1 AND {REFUNDABLE_SQL} < 1000",
                 key_hash, refund.refund_id,
             )  # fmt: skip
             await _entry(conn, f"refund-fee:{refund.refund_id}", "fee", REVENUE, FEES, fee, key_hash)
@@ -379,8 +409,10 @@ class Ledger:
 
     async def books(self) -> dict[str, int]:
         """Account balances from the ledger alone (msat by account name), plus `owed` (what the keys table says
-        users hold) and `withdrawn` (the operator's revenue taken out, net of cancelled withdrawals; it left
-        through ecash:out or lightning:out like a user's refund).
+        users hold), `refundable` (the part of it that is users' own ecash, not operator credit: see
+        `refundable_msat`), `pending_refunds` (debited from keys, not paid out yet) and `withdrawn` (the
+        operator's revenue taken out, net of cancelled withdrawals; it left through ecash:out or
+        lightning:out like a user's refund).
 
         Both are read from one snapshot (a read-only REPEATABLE READ transaction): every movement
         updates the keys and appends its ledger rows in one transaction, so a snapshot sees each
@@ -395,13 +427,20 @@ class Ledger:
                 " UNION ALL SELECT debit, -amount_msat FROM billing.ledger) moves"
                 " WHERE account NOT LIKE 'user:%' AND account NOT LIKE 'held:%' GROUP BY account"
             )
-            owed = await conn.fetchval("SELECT coalesce(sum(balance_msat), 0) FROM billing.keys")
+            keys = await conn.fetchrow(
+                f"SELECT coalesce(sum(balance_msat), 0) AS owed, coalesce(sum({REFUNDABLE_SQL}), 0) AS refundable"
+                " FROM billing.keys"
+            )
+            pending = await conn.fetchval(
+                "SELECT coalesce(sum(amount_msat), 0) FROM billing.refunds WHERE state = 'pending'"
+            )
             withdrawn = await conn.fetchval(
                 "SELECT coalesce(sum(CASE kind WHEN 'withdraw' THEN amount_msat ELSE -amount_msat END), 0)"
                 " FROM billing.ledger WHERE kind IN ('withdraw', 'withdraw_cancel')"
             )
         balances = {r["account"]: int(r["balance"]) for r in rows}
-        return {"owed": int(owed), "withdrawn": int(withdrawn), **balances}
+        return {"owed": int(keys["owed"]), "refundable": int(keys["refundable"]), "pending_refunds": int(pending),
+                "withdrawn": int(withdrawn), **balances}  # fmt: skip
 
 
 async def _release(conn: asyncpg.Connection, ids: list) -> int:

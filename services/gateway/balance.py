@@ -42,13 +42,16 @@ async def json_body(request: web.Request) -> dict:
 
 
 def _info_body(cred: Credential, info: bus.KeyInfo) -> dict:
-    return {
+    body = {
         "api_key": cred.api_key,
         "balance": info.balance_msat,
         "reserved": info.reserved_msat,
         "total_requests": info.total_requests,
         "total_spent": info.total_spent_msat,
     }
+    if info.refundable_msat is not None:  # an extra field: the part of `balance` a refund pays (msat)
+        body["refundable"] = info.refundable_msat
+    return body
 
 
 class BalanceAPI:
