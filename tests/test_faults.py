@@ -361,7 +361,12 @@ async def test_postgres_stalled_deposits_and_refunds_answer_503_at_once(
     node = await start_node(tmp_path, own_nats, database, mint.url, upstream)
     bound = float(FAST["DEPENDENCY_TIMEOUT"]) + 2
     gateway = node.gateway
-    topup_key, refund_key = await funded_key(node.nats_url, 1_000_000), await funded_key(node.nats_url, 7_000)
+    topup_key = await funded_key(node.nats_url, 1_000_000)
+    async with aiohttp.ClientSession() as http:  # a refund pays out ecash paid in, not operator credit
+        created = {"initial_balance_token": await client_wallet.token(7)}
+        async with http.post(f"{gateway}/v1/balance/create", json=created) as response:
+            assert response.status == 200, await response.text()
+            refund_key = (await response.json())["api_key"]
     topup_token, create_token, locked_token = [await client_wallet.token(TOKEN_SATS) for _ in range(3)]
     topup = {"url": f"{gateway}/v1/balance/topup", "json": {"cashu_token": topup_token}, "headers": auth(topup_key)}
     create = {"url": f"{gateway}/v1/balance/create", "json": {"initial_balance_token": create_token}}
@@ -404,7 +409,7 @@ async def test_postgres_stalled_deposits_and_refunds_answer_503_at_once(
         db = await asyncpg.connect(database)
         try:
             assert await db.fetchval("SELECT count(*) FROM billing.refunds WHERE state = 'pending'") == 0
-            assert await db.fetchval("SELECT count(*) FROM billing.deposits") == 3
+            assert await db.fetchval("SELECT count(*) FROM billing.deposits") == 4  # and the refund key's
         finally:
             await db.close()
         result = await reconcile(node.nats_url)

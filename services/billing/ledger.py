@@ -331,12 +331,12 @@ class Ledger:
                 return _refunded(last, self.box)
             if balance == 0:
                 raise LedgerError(fail("no_balance", "No balance to refund", 400))
-            if refundable < pricing.MSAT_PER_SAT and refundable < balance:
+            if balance < pricing.MSAT_PER_SAT:  # dust, whatever its origin: the string clients match on
+                raise LedgerError(fail("balance_too_small", "Balance too small to refund", 400))
+            if refundable < pricing.MSAT_PER_SAT:
                 message = (f"No refundable balance: {balance - refundable} msat of this key's balance is credit the"
                            " operator granted, spendable on inference but not refundable")  # fmt: skip
                 raise LedgerError(fail("not_refundable", message, 400))
-            if refundable < pricing.MSAT_PER_SAT:
-                raise LedgerError(fail("balance_too_small", "Balance too small to refund", 400))
             amount = refundable - refundable % pricing.MSAT_PER_SAT  # operator credit and dust stay on the key
             refund_id = uuid.uuid4().hex
             await conn.execute(
