@@ -184,8 +184,8 @@ async def test_granted_and_topped_up_key_refunds_its_top_up_less_spending_beyond
     assert result.difference_msat == 0 and result.covered, result
 
 
-async def test_refund_the_wallet_cannot_cut_fails_with_its_amount_back_and_a_retry_pays_later(make_node, http,
-                                                                                             client_wallet):  # fmt: skip
+async def test_refund_the_wallet_cannot_cut_fails_back_to_the_key_and_a_retry_pays_later(make_node, http,
+                                                                                        client_wallet):  # fmt: skip
     node = await make_node(CORE, PENDING_RETRY_SECONDS="1", **PRICES)
     key = await create(http, node, await client_wallet.token(10))
     nc = await messaging.connect(node.settings.nats_url, "test-operator")
