@@ -79,8 +79,9 @@ async def test_getbased_sequence(node, http, client_wallet):
     assert key == derived_key(token) and created["balance"] == 40_000
     async with http.get(f"{node.url}/v1/balance/info", headers=auth(key)) as response:
         info = await response.json()
+    # `refundable` is an extra field: the part of `balance` a refund pays (msat).
     assert info == {"api_key": key, "balance": 40_000, "reserved": 0, "total_requests": 0, "total_spent": 0,
-                    "refundable": 40_000}  # an extra field: the part of `balance` a refund pays (msat)
+                    "refundable": 40_000}  # fmt: skip
     body = {**HELLO, "stream": True, "stream_options": {"include_usage": True}, "max_tokens": 3}
     async with http.post(f"{node.url}{CHAT}", json=body, headers=auth(key)) as response:
         assert response.status == 200
