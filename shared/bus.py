@@ -235,8 +235,8 @@ class Reconciliation(msgspec.Struct, tag="reconciliation", frozen=True):
     lightning_in_msat: int = 0  # paid Lightning invoices (minted into the wallet)
     refundable_msat: int = 0  # the part of owed_msat that is users' own ecash (not operator credit)
     pending_refunds_msat: int = 0  # refunds debited from keys, not paid out yet
-    # Ecash the wallet must hold: refundable + pending refunds + the operator's revenue not backed by
-    # granted credit (revenue - granted credit spent, when positive).
+    # Ecash the wallet must hold: refundable + pending refunds + the operator's revenue less what was
+    # earned from operator credit spent on inference.
     required_msat: int = 0
 
 

@@ -336,6 +336,7 @@ class Accounts:
         books = await self.ledger.books()
         owed, withdrawn = books.pop("owed"), books.pop("withdrawn")
         refundable, pending = books.pop("refundable"), books.pop("pending_refunds")
+        unspent_credit = books.pop("unspent_credit")
         revenue, fees = books.get("revenue", 0), books.get("fees:mint", 0)
         redeemed, granted = -books.get("ecash:in", 0), -books.get("operator:grants", 0)
         lightning_in = -books.get("lightning:in", 0)  # paid invoices: minted into the wallet like redeemed tokens
@@ -349,11 +350,10 @@ class Accounts:
         except BusError:
             unspent = -1
         # Ecash the wallet must hold: every user's refundable balance (their own ecash, not operator credit)
-        # and every refund not paid out yet, plus the operator's revenue beyond the granted credit spent
-        # (revenue earned from operator credit was never ecash). Counted from balances, not from flows:
-        # operator credit wrongly paid out as ecash, or mint fees paid from users' ecash, show as not covered.
-        granted_spent = granted - (owed - refundable)
-        required = refundable + pending + max(revenue - granted_spent, 0)
+        # and every refund not paid out yet, plus the operator's revenue less what was earned from operator
+        # credit spent on inference (never ecash; mint fees the node paid are already out of revenue).
+        # Counted from balances, not from flows: operator credit paid out as ecash shows as not covered.
+        required = refundable + pending + revenue - (granted - unspent_credit)
         covered = unspent >= required
         self.metrics.reconcile_difference_msat.set(difference)
         return bus.Reconciliation(

@@ -410,7 +410,8 @@ class Ledger:
     async def books(self) -> dict[str, int]:
         """Account balances from the ledger alone (msat by account name), plus `owed` (what the keys table says
         users hold), `refundable` (the part of it that is users' own ecash, not operator credit: see
-        `refundable_msat`), `pending_refunds` (debited from keys, not paid out yet) and `withdrawn` (the
+        `refundable_msat`), `unspent_credit` (operator credit not spent on inference yet, whether or not
+        the balance still holds it), `pending_refunds` (debited from keys, not paid out yet) and `withdrawn` (the
         operator's revenue taken out, net of cancelled withdrawals; it left through ecash:out or
         lightning:out like a user's refund).
 
@@ -428,8 +429,8 @@ class Ledger:
                 " WHERE account NOT LIKE 'user:%' AND account NOT LIKE 'held:%' GROUP BY account"
             )
             keys = await conn.fetchrow(
-                f"SELECT coalesce(sum(balance_msat), 0) AS owed, coalesce(sum({REFUNDABLE_SQL}), 0) AS refundable"
-                " FROM billing.keys"
+                f"SELECT coalesce(sum(balance_msat), 0) AS owed, coalesce(sum({REFUNDABLE_SQL}), 0) AS refundable,"
+                " coalesce(sum(GREATEST(0, granted_msat - total_spent_msat)), 0) AS unspent_credit FROM billing.keys"
             )
             pending = await conn.fetchval(
                 "SELECT coalesce(sum(amount_msat), 0) FROM billing.refunds WHERE state = 'pending'"
@@ -440,6 +441,7 @@ class Ledger:
             )
         balances = {r["account"]: int(r["balance"]) for r in rows}
         return {"owed": int(keys["owed"]), "refundable": int(keys["refundable"]), "pending_refunds": int(pending),
+                "unspent_credit": int(keys["unspent_credit"]),
                 "withdrawn": int(withdrawn), **balances}  # fmt: skip
 
 
