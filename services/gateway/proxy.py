@@ -175,7 +175,9 @@ class Proxy:
             kind = "a multipart form with a model field" if form else "a JSON object"
             return openai_error(400, f"Request body must be {kind}", "invalid_body")
         model = request.headers.get("X-Routstr-Model") or body.get("model")
-        if not isinstance(model, str) or not model.strip():
+        if model is not None and not isinstance(model, str):
+            return openai_error(400, "model must be a string, the id of a model /v1/models lists", "invalid_model")
+        if not model or not model.strip():
             return openai_error(400, "you must provide a model parameter", "missing_model")
         prompt_estimate = estimate_prompt_tokens(body)
         max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens")
@@ -422,6 +424,11 @@ class Proxy:
             child(self.metrics.upstream_ttfb_seconds, model).observe(time.monotonic() - started)
             return response
         call.body["model"] = payload_model
+        if failure is None and not candidates and provider_type and wait == math.inf:
+            # Not a passing outage: none of the model's providers speaks the Messages API (a configuration).
+            message = (f"No provider of this node serves {call.reserved.model} over Anthropic's Messages API; "
+                       "use /v1/chat/completions")  # fmt: skip
+            return await self._refuse(call, openai_error(400, message, "unsupported_api"))
         if failure is None:
             retry = str(max(1, math.ceil(wait))) if wait != math.inf else "5"
             child(self.metrics.upstream_errors, "no_provider").inc()
