@@ -151,19 +151,25 @@ async def _settle_rate(nats_url: str, keys: list[str], events: int, batch: int =
 
 
 @contextlib.contextmanager
-def _busy():
-    """The share of this machine's CPU time (all cores) spent busy inside the block: `with _busy() as busy:`,
-    then `busy()`. A run with the machine near 100 % busy is bound by the cores, not by the node."""
+def _busy(pids: tuple[int, ...] = ()):
+    """How busy the machine and `pids` were inside the block: `with _busy(pids) as busy:`, then `busy()` is
+    (the share of all cores' time spent busy, the CPU seconds `pids` used). A run with the machine near
+    100 % busy is bound by the cores, not by the node."""
 
-    def times() -> tuple[int, int]:
+    def machine() -> tuple[int, int]:
         fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
         idle = fields[3] + fields[4]  # idle + iowait
         return sum(fields) - idle, sum(fields)
 
-    start, result = times(), []
+    def used() -> float:
+        ticks = sum(sum(int(x) for x in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[11:13])
+                    for pid in pids)  # fmt: skip
+        return ticks / os.sysconf("SC_CLK_TCK")
+
+    start, start_used, result = machine(), used(), []
     yield lambda: result[0]
-    end = times()
-    result.append((end[0] - start[0]) / max(end[1] - start[1], 1))
+    end = machine()
+    result.append(((end[0] - start[0]) / max(end[1] - start[1], 1), used() - start_used))
 
 
 def _rss_kb(pid: int) -> int:
@@ -173,7 +179,7 @@ def _rss_kb(pid: int) -> int:
     return 0
 
 
-async def _measure(urls: dict[str, str], keys: list[str], args, gateway_pid: int, nats_url: str) -> dict:
+async def _measure(urls: dict[str, str], keys: list[str], args, gateway_pids: list[int], nats_url: str) -> dict:
     one_key = [{"Authorization": f"Bearer {keys[0]}", "Content-Type": "application/json"}]
     many = [{"Authorization": f"Bearer {key}", "Content-Type": "application/json"} for key in keys[1 : KEYS + 1]]
     cold = [{"Authorization": f"Bearer {key}", "Content-Type": "application/json"} for key in keys[KEYS + 1 :]]
@@ -199,25 +205,31 @@ async def _measure(urls: dict[str, str], keys: list[str], args, gateway_pid: int
             results["latency"][name] = await _open_loop(session, target[0], headers, args.rate, args.seconds)
         for name, (target, headers) in targets.items():
             await warm(target, headers)
-            with _busy() as busy:
+            with _busy(gateway_pids[:1]) as busy:
                 results["throughput"][name] = await _closed_loop(session, target, headers, args.concurrency,
                                                                  args.seconds, BODY)  # fmt: skip
-            results["throughput"][name]["cpu_busy"] = busy()
+            results["throughput"][name]["cpu_busy"], gateway_cpu = busy()
+            results["throughput"][name]["gateway_cpu_us_per_call"] = (
+                gateway_cpu * 1e6 / max(results["throughput"][name]["requests"], 1)
+            )
             results["streamed"][name] = await _closed_loop(session, target, headers, args.concurrency,
                                                            args.seconds, STREAM)  # fmt: skip
         # A key's first call on a gateway waits for a grant (a Credit-Control-Request round trip to billing).
         results["cold_key"] = await _open_loop(session, urls["gateway"], cold, COLD_RATE, len(cold) / COLD_RATE)
         both = [urls["gateway"], urls["gateway2"]]
         await warm(both, many)
-        with _busy() as busy:
+        with _busy(tuple(gateway_pids)) as busy:
             results["two_gateways"] = await _closed_loop(session, both, many, args.concurrency, args.seconds, BODY)
-        results["two_gateways"]["cpu_busy"] = busy()
+        results["two_gateways"]["cpu_busy"], gateway_cpu = busy()
+        results["two_gateways"]["gateway_cpu_us_per_call"] = (
+            gateway_cpu * 1e6 / max(results["two_gateways"]["requests"], 1)
+        )
         results["settlement"] = await _settle_rate(nats_url, keys, args.settle_events)
         await _closed_loop(session, [urls["gateway"]], many, args.concurrency, 60, STREAM, limit=1000)
-        before = _rss_kb(gateway_pid)
+        before = _rss_kb(gateway_pids[0])
         streams = await _closed_loop(session, [urls["gateway"]], many, args.concurrency, 600, STREAM,
                                      limit=args.streams)  # fmt: skip
-        after = _rss_kb(gateway_pid)
+        after = _rss_kb(gateway_pids[0])
         results["memory"] = {"streams": streams["requests"], "rss_before_kb": before, "rss_after_kb": after,
                              "growth": after / before - 1}  # fmt: skip
     return results
@@ -257,7 +269,9 @@ def _report(results: dict, args) -> str:
         "",
         f"two gateways: {two:,.0f} req/s against one gateway's {one:,.0f} req/s ({two / one:.2f}x); "
         f"the machine's {results['settings']['cpus']} cores were {results['two_gateways']['cpu_busy']:.0%} busy "
-        f"with two and {thr['node, 1,000 keys']['cpu_busy']:.0%} with one",
+        f"with two and {thr['node, 1,000 keys']['cpu_busy']:.0%} with one; gateway CPU per call "
+        f"{results['two_gateways']['gateway_cpu_us_per_call']:.0f} us with two, "
+        f"{thr['node, 1,000 keys']['gateway_cpu_us_per_call']:.0f} us with one",
         f"a key's first call (waits for its grant): {cold['p50_ms']:.2f} / {cold['p99_ms']:.2f} ms p50 / p99",
         f"billing settles {settle['events_per_s']:,.0f} usage events/s (one replica, {settle['events']:,} events)",
         f"gateway RSS over {memory['streams']:,} streams: {memory['rss_before_kb'] / 1024:.1f} MiB -> "
@@ -309,7 +323,6 @@ def main() -> int:
                 stdout=subprocess.DEVNULL, stderr=(work / f"{service}-{index}.log").open("wb"),
             ))  # fmt: skip
             _wait_http(f"http://127.0.0.1:{port}/readyz")
-        gateway_pid = children[-2].pid
         _wait_http(f"http://127.0.0.1:{bare_port}/v1/models")
         keys = asyncio.run(_fund(bench_url, 1 + KEYS + COLD_KEYS))
         urls = {
@@ -317,7 +330,7 @@ def main() -> int:
             "gateway": f"http://127.0.0.1:{gateway_ports[0]}/v1/chat/completions",
             "gateway2": f"http://127.0.0.1:{gateway_ports[1]}/v1/chat/completions",
         }  # fmt: skip
-        results = asyncio.run(_measure(urls, keys, args, gateway_pid, bench_url))
+        results = asyncio.run(_measure(urls, keys, args, [children[-2].pid, children[-1].pid], bench_url))
     finally:
         for child in children:
             child.terminate()

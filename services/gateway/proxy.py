@@ -286,7 +286,7 @@ class Proxy:
             self._watcher = asyncio.ensure_future(self._watch_clients())
         try:
             async with asyncio.timeout(self.settings.upstream_first_byte_timeout):
-                return await self.session.post(url, data=data, headers=headers)
+                response = await self.session.post(url, data=data, headers=headers)
         except asyncio.CancelledError:
             if task in self._abandoned:
                 self._abandoned.discard(task)
@@ -295,6 +295,12 @@ class Proxy:
             raise
         finally:
             self._waiting.pop(task, None)
+        if task in self._abandoned:  # the cancel met the answer and was absorbed: still a client that left
+            self._abandoned.discard(task)
+            task.uncancel()
+            response.release()
+            return None
+        return response
 
     async def _watch_clients(self) -> None:
         """Every CLIENT_CHECK_INTERVAL: cancel the upstream wait of each call whose client has gone (one
