@@ -155,7 +155,7 @@ SETTINGS_DOC: dict[str, tuple[str, str, bool]] = {
     ),
     "PENDING_RETRY_SECONDS": (
         "10",
-        "Seconds between passes that finish refunds and X-Cashu change left pending by a fault",
+        "Seconds between passes that finish refunds, X-Cashu change and deposits left pending by a fault",
         False,
     ),
     "GATEWAY_GONE_AFTER": (
