@@ -10,9 +10,10 @@ import uuid
 class ClientWallet:
     """Mints ecash at a FakeWallet mint (invoices pay themselves) and cuts tokens of exact amounts."""
 
-    def __init__(self, mint_url: str):
+    def __init__(self, mint_url: str, directory: str | None = None):
+        """`directory`: where the wallet keeps its database (a fresh temporary one by default)."""
         self.mint_url = mint_url
-        self._dir = tempfile.mkdtemp(prefix="client-wallet-")
+        self._dir = directory or tempfile.mkdtemp(prefix="client-wallet-")
         self._wallet = None
 
     async def _get(self):

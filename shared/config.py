@@ -155,7 +155,7 @@ SETTINGS_DOC: dict[str, tuple[str, str, bool]] = {
     ),
     "PENDING_RETRY_SECONDS": (
         "10",
-        "Seconds between passes that finish refunds and X-Cashu change left pending by a fault",
+        "Seconds between passes that finish refunds, X-Cashu change and deposits left pending by a fault",
         False,
     ),
     "GATEWAY_GONE_AFTER": (
@@ -404,4 +404,7 @@ def require(settings: Settings, *names: str) -> None:
     """Fail start-up with a clear message when a service needs a variable that is empty."""
     for name in names:
         if not getattr(settings, name.lower()):
-            raise ConfigError(f"{name}: required by this service but not set")
+            raise ConfigError(
+                f"{name}: required by this service but not set (set it, or start the node with `make run`:"
+                " operator commands beside it read its .run/env)"
+            )

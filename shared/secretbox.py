@@ -30,6 +30,7 @@ SECRET_COLUMNS = (
     ("billing.invoices", "invoice_id", "api_key"),
     ("billing.providers", "id", "api_key"),
     ("billing.withdrawals", "withdrawal_id", "token"),
+    ("billing.deposit_intents", "token_hash", "token"),
 )
 
 

@@ -418,6 +418,93 @@ async def test_postgres_stalled_deposits_and_refunds_answer_503_at_once(
         await node.cluster.stop()
 
 
+# ---- a deposit cut between the wallet's redeem and billing's credit ends by itself, with no retry -------------------
+
+DEPOSIT_BOUND = 60.0  # seconds from a top-up's request to its end by itself (README: INTENT_DUE + a loop pass)
+
+
+async def test_deposit_cut_after_the_redeem_is_credited_without_a_retry(
+    tmp_path, own_nats, own_postgres, upstream, mint, client_wallet
+):
+    """Two top-ups of an `sk-` key that no client retries. (1) The wallet is down when billing asks: the client
+    gets 503 + Retry-After, the deposit loop finds the wallet never took the token, closes the intent and
+    credits nothing; the token stays unspent and the client's later retry is credited once. (2) The wallet
+    redeems the token while billing's credit hangs (billing.deposits locked), then billing is killed -9,
+    the lock released and billing started again: within DEPOSIT_BOUND s of the request the key shows the
+    token's value, credited once; no intent, reservation or refund is left and reconcile is 0."""
+    database = own_postgres.url.rsplit("/", 1)[0] + "/node"
+    # DEPENDENCY_TIMEOUT 10: billing's credit waits out the lock below, so the kill lands while it hangs.
+    node = await start_node(tmp_path, own_nats, database, mint.url, upstream, DEPENDENCY_TIMEOUT="10")
+    key = await funded_key(node.nats_url, 1_000_000)
+    unstarted_token, cut_token = [await client_wallet.token(TOKEN_SATS) for _ in range(2)]
+
+    def topup(token: str) -> dict:
+        return {"url": f"{node.gateway}/v1/balance/topup", "json": {"cashu_token": token}, "headers": auth(key)}
+
+    db = await asyncpg.connect(database)
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
+            node.procs["wallet"].process.kill()
+            node.procs["wallet"].process.wait()
+            started = time.monotonic()
+            refused_in_time(await timed_post(http, **topup(unstarted_token)), 5)
+            await node.restart("wallet")
+
+            holder = await asyncpg.connect(database)
+            try:
+                async with holder.transaction():
+                    await holder.execute("LOCK TABLE billing.deposits IN EXCLUSIVE MODE")  # reads pass, writes wait
+                    cut = asyncio.ensure_future(timed_post(http, **topup(cut_token)))
+                    cut_at = time.monotonic()
+                    while not await client_wallet.is_spent(cut_token):  # the wallet redeemed it; the credit hangs
+                        assert time.monotonic() - cut_at < 20 and not cut.done(), cut
+                        await asyncio.sleep(0.05)
+                    node.procs["billing"].process.kill()
+                    node.procs["billing"].process.wait()
+            finally:
+                await holder.close()
+            healed = time.monotonic()
+            await node.restart("billing")
+            assert (await db.fetchval("SELECT count(*) FROM billing.deposit_intents")) == 2
+            status, headers, body, _ = await cut
+            assert status == 503 and headers.get("Retry-After"), (status, body)
+
+            # No client retries: the deposit loop ends both by itself.
+            while True:
+                async with http.get(f"{node.gateway}/v1/balance/info", headers=auth(key)) as response:
+                    balance = (await response.json())["balance"]
+                intents = await db.fetchval("SELECT count(*) FROM billing.deposit_intents")
+                if balance == 1_000_000 + TOKEN_SATS * 1000 and intents == 0:
+                    break
+                assert balance in (1_000_000, 1_000_000 + TOKEN_SATS * 1000), balance
+                assert time.monotonic() - cut_at < DEPOSIT_BOUND, (balance, intents)
+                await asyncio.sleep(0.5)
+            print(f"\ncut deposit credited {time.monotonic() - cut_at:.1f}s after its request,"
+                  f" {time.monotonic() - healed:.1f}s after billing was back;"
+                  f" the unstarted one closed {time.monotonic() - started:.1f}s after its request")  # fmt: skip
+            assert not await client_wallet.is_spent(unstarted_token)  # never taken: still the client's
+            cut_hash = hashlib.sha256(cut_token.encode()).hexdigest()
+            assert await db.fetchval("SELECT count(*) FROM billing.ledger WHERE idempotency_key = $1",
+                                     f"deposit:{cut_hash}") == 1  # fmt: skip
+            assert await db.fetchval("SELECT state FROM wallet.redemptions WHERE token_hash = $1", cut_hash) == "done"
+
+            # The client's own retry of the token the wallet never took works, once.
+            status, _, credited, _ = await until_ok(http, **topup(unstarted_token))
+            assert credited["msats"] == TOKEN_SATS * 1000, credited
+            assert credited["balance"] == 1_000_000 + 2 * TOKEN_SATS * 1000, credited
+            status, _, again, _ = await until_ok(http, **topup(cut_token))  # a late retry: answered, not credited
+            assert again["balance"] == credited["balance"], again
+        assert await db.fetchval("SELECT count(*) FROM billing.deposit_intents") == 0
+        assert await db.fetchval("SELECT count(*) FROM billing.deposits") == 2
+        assert await db.fetchval("SELECT count(*) FROM billing.reservations WHERE state = 'open'") == 0
+        assert await db.fetchval("SELECT count(*) FROM billing.refunds WHERE state = 'pending'") == 0
+        result = await reconcile(node.nats_url)
+        assert result.difference_msat == 0 and result.covered, result
+    finally:
+        await db.close()
+        await node.cluster.stop()
+
+
 # ---- a gateway killed mid-call: its X-Cashu reservations end within GATEWAY_GONE_AFTER ----------------------------
 
 

@@ -121,6 +121,7 @@ async def test_stream_arrives_chunk_by_chunk_not_buffered(node, http):
         ({"data": b"{not json"}, 400, "invalid_json"),
         ({"data": b"[1, 2]"}, 400, "invalid_body"),
         ({"json": {"messages": []}}, 400, "missing_model"),
+        ({"json": {"model": 5, "messages": []}}, 400, "invalid_model"),
     ],
 )
 async def test_bad_bodies_get_openai_errors_and_cost_nothing(node, http, kwargs, status, code):
@@ -316,3 +317,13 @@ async def balance_unlimited(node, key: str) -> int:
     finally:
         await nc.drain()
     return info.balance_msat
+
+
+async def test_messages_api_without_an_anthropic_provider_is_a_clear_400(node, http):
+    """Only OpenAI-shaped providers: Anthropic's Messages API is refused as a configuration, not a 503 to retry."""
+    key = await funded_key(node.settings.nats_url, 50_000)
+    body = {"model": "gpt-4o-mini", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
+    async with http.post(f"{node.url}/v1/messages", headers=auth(key), json=body) as response:
+        assert response.status == 400 and "Retry-After" not in response.headers
+        assert (await response.json())["error"]["code"] == "unsupported_api"
+    assert (await balance(http, node, key))["balance"] == 50_000

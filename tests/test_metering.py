@@ -348,12 +348,25 @@ async def test_a_stream_silent_past_the_idle_timeout_is_ended_and_charged_for_wh
     key = await funded_key(node.settings.nats_url, FUNDS)
     # The first chunk (role only, no text) after 2 s, then 2 s of silence: cut after 1 s of it.
     body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "[[tokens:1]] [[slow:2]]"}]}
-    async with http.post(f"{node.url}{CHAT}", json=body, headers=auth(key)) as response:
-        events = [e for e in (await response.text()).split("\n\n") if e]
-    assert '"role": "assistant"' in events[0]
-    assert json.loads(events[-2][6:])["error"]["code"] == "upstream_error" and events[-1] == "data: [DONE]"
-    info = await settled_balance(http, node, key)
-    assert FUNDS - info["balance"] == formula(metering.estimate_prompt_tokens(body), 0)
+    for include_usage in (False, True):
+        if include_usage:
+            body["stream_options"] = {"include_usage": True}
+        async with http.post(f"{node.url}{CHAT}", json=body, headers=auth(key)) as response:
+            events = [e for e in (await response.text()).split("\n\n") if e]
+        assert '"role": "assistant"' in events[0]
+        assert json.loads(events[-2][6:])["error"]["code"] == "upstream_error" and events[-1] == "data: [DONE]"
+        usage = [c for c in (json.loads(e[6:]) for e in events if e.startswith("data: {")) if c.get("usage")]
+        info = await settled_balance(http, node, key)
+        charged = FUNDS - info["balance"]
+        assert charged == formula(metering.estimate_prompt_tokens(body), 0) * (1 + include_usage)
+        if include_usage:  # the client asked for usage: the estimate it was charged, before the error event
+            assert len(usage) == 1 and json.loads(events[-3][6:]) == usage[0], "usage comes just before the error"
+            report = usage[0]
+            assert report["choices"] == [] and report["id"] == json.loads(events[0][6:])["id"]
+            assert report["usage"]["prompt_tokens"] == metering.estimate_prompt_tokens(body)
+            assert report["usage"]["cost"]["total_msats"] == charged // 2
+        else:
+            assert usage == []
 
 
 @pytest.mark.parametrize(("name", "path"), [("anthropic_messages_stream", "/v1/messages"),

@@ -75,3 +75,27 @@ async def test_sdk_sees_402_as_an_api_error(node):
     with pytest.raises(openai.APIStatusError) as info:
         await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
     assert info.value.status_code == 402
+
+
+async def test_sdk_lists_and_retrieves_models_and_gets_json_errors_for_wrong_methods(node, http):
+    key = await funded_key(node.settings.nats_url, 100_000)
+    client = openai.AsyncOpenAI(base_url=f"{node.url}/v1", api_key=key, max_retries=0)
+    listed = {model.id: model for model in (await client.models.list()).data}
+    assert "gpt-4o-mini" in listed
+    for model_id in ("gpt-4o-mini", next(i for i in listed if "/" in i)):  # an id with a slash routes too
+        model = await client.models.retrieve(model_id)
+        assert (
+            model.id == model_id and model.model_extra["sats_pricing"] == listed[model_id].model_extra["sats_pricing"]
+        )
+    with pytest.raises(openai.NotFoundError) as info:
+        await client.models.retrieve("no-such-model")
+    assert info.value.body["code"] == "model_not_found"
+    # A GET on one of the node's own POST routes is the node's 405 (or 404), as JSON, never the upstream's text.
+    headers = {"Authorization": f"Bearer {key}"}
+    for path, status, shape in (("/v1/chat/completions", 405, "error"), ("/v1/balance/topup", 405, "detail"),
+                                ("/v1/balance/no-such-thing", 404, "detail")):  # fmt: skip
+        async with http.get(f"{node.url}{path}", headers=headers) as response:
+            assert (response.status, response.content_type) == (status, "application/json"), path
+            assert shape in await response.json(), path
+    completion = await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, max_tokens=10)
+    assert completion.choices[0].message.content  # the POST routes still answer

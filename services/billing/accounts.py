@@ -6,6 +6,7 @@ ledger is written so that a wallet call that fails or times out leaves nothing h
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import secrets
@@ -20,7 +21,7 @@ from nats.aio.client import Client as NATS
 from services.billing.admin.usage import RequestLog
 from services.billing.catalog import Catalog
 from services.billing.grants import RECALL_WAIT, Grants
-from services.billing.ledger import Ledger, LedgerError, PendingRefund, _Repeat
+from services.billing.ledger import DepositIntent, Ledger, LedgerError, PendingRefund, _Repeat
 from shared import bus, pricing
 from shared.messaging import BusError, request
 from shared.metrics import BillingMetrics
@@ -28,6 +29,17 @@ from shared.metrics import BillingMetrics
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 PERMANENT_PAYOUT_ERRORS = {"not_supported", "amount_too_small", "invalid_address"}
+# A deposit intent is the deposit loop's once its own request can no longer be running: the wallet's answer
+# is awaited for bus.MINT_TIMEOUT s, and this much more covers billing's writes around it (seconds).
+INTENT_MARGIN = 5.0
+INTENT_DUE = bus.MINT_TIMEOUT + INTENT_MARGIN
+
+
+def wallet_took_nothing(error: bus.Error) -> bool:
+    """The wallet refused a redeem for good, holding nothing of the token (bad or spent token, a mint not
+    accepted, `unknown_token` for a resume it never started): the token is still the client's. Outages
+    (5xx) and "try again" refusals (409 token pending, 429) may still end with the wallet holding it."""
+    return 400 <= error.status < 500 and error.status not in (409, 429)
 
 
 def payment_hash(invoice: str) -> str:
@@ -152,13 +164,63 @@ class Accounts:
             return await self.ledger.answer_repeat(existing, message.key_hash)
         if not message.create and not await self.ledger.key_exists(message.key_hash):
             raise LedgerError(bus.Error("unknown_key", "Invalid API key: no such key", 401))
-        redeemed = await self._wallet(bus.WALLET_REDEEM, bus.Redeem(message.token, message.resume_only), bus.Redeemed)
+        # Durable before the wallet is asked: should this write fail, the wallet is not asked and the token
+        # stays the client's; once it is written, the deposit loop ends the deposit if this call cannot.
+        await self.ledger.record_intent(token_hash, message.key_hash, message.token, message.create, INTENT_DUE)
         try:
-            info = await self.ledger.credit_deposit(message.key_hash, token_hash, redeemed, message.create)
+            redeem = bus.Redeem(message.token, message.resume_only)
+            redeemed = await request(self.nc, bus.WALLET_REDEEM, redeem, bus.Redeemed, bus.MINT_TIMEOUT)
+        except BusError as exc:
+            if wallet_took_nothing(exc.error):
+                await self.ledger.close_intent(token_hash)
+            raise LedgerError(exc.error) from None
+        return await self._credit(message.key_hash, token_hash, redeemed, message.create)
+
+    async def _credit(self, key_hash: str, token_hash: str, redeemed: bus.Redeemed, create: bool) -> bus.KeyInfo:
+        """Credit a redeemed token once (closing its intent); a token credited already gets its answer."""
+        try:
+            info = await self.ledger.credit_deposit(key_hash, token_hash, redeemed, create)
         except _Repeat as repeat:
-            return await self.ledger.answer_repeat(repeat.deposit, message.key_hash)
+            await self.ledger.close_intent(token_hash)  # a racing retry or the deposit loop credited it
+            return await self.ledger.answer_repeat(repeat.deposit, key_hash)
         self.metrics.credited_msat.inc(redeemed.credited_msat)
         return info
+
+    async def finish_deposits(self, limit: int = 50) -> int:
+        """The deposit loop: every deposit intent left open (billing killed, Postgres or the bus failing
+        between the wallet's redeem and the credit) and due (INTENT_DUE s after its request) is ended:
+        the wallet is asked to resume the redeem (`resume_only`), and what it redeemed is credited to the
+        intent's key once; a token the wallet never took is left to the client (intent closed, nothing
+        credited). Intents the wallet cannot answer for yet (it, its mint or the bus down) are tried
+        again on the next pass. Returns how many ended."""
+        ended = 0
+        for intent in await self.ledger.claim_intents(INTENT_DUE, limit):
+            try:
+                ended += await self._finish_deposit(intent)
+            except Exception as exc:  # e.g. Postgres failing mid-credit: the intent stays for the next pass
+                log.warning("deposit of token %s… still open: %s", intent.token_hash[:12], exc.__class__.__name__)
+                with contextlib.suppress(Exception):
+                    await self.ledger.retry_intent(intent, 0)
+        return ended
+
+    async def _finish_deposit(self, intent: DepositIntent) -> bool:
+        try:
+            redeem = bus.Redeem(intent.token, resume_only=True)
+            redeemed = await request(self.nc, bus.WALLET_REDEEM, redeem, bus.Redeemed, bus.MINT_TIMEOUT)
+        except BusError as exc:
+            if not wallet_took_nothing(exc.error):
+                log.info("deposit of token %s… still open (attempt %d): %s", intent.token_hash[:12], intent.attempts,
+                         exc.error.code)  # fmt: skip
+                await self.ledger.retry_intent(intent, 0)
+                return False
+            await self.ledger.close_intent(intent.token_hash, intent.due_at)
+            log.info("deposit of token %s… ended uncredited (%s): the token is still the client's",
+                     intent.token_hash[:12], exc.error.code)  # fmt: skip
+            return True
+        await self._credit(intent.key_hash, intent.token_hash, redeemed, intent.create)
+        log.warning("deposit of token %s… finished by the deposit loop: %d msat credited", intent.token_hash[:12],
+                    redeemed.credited_msat)  # fmt: skip
+        return True
 
     async def refund(self, message: bus.Refund) -> bus.Refunded:
         method = "lightning" if message.lightning_address else "cashu"

@@ -219,6 +219,11 @@ async def _resources(app: web.Application):
         # and X-Cashu change ends within about 2 x PENDING_RETRY_SECONDS after the fault clears.
         await accounts.finish_pending_refunds(older_than=settings.pending_retry_seconds)
 
+    async def finish_deposits() -> None:
+        # A deposit whose credit was never written (billing killed, Postgres or the bus failing after the
+        # wallet's redeem) ends INTENT_DUE s after it began, or one pass after the fault clears if later.
+        await accounts.finish_deposits()
+
     async def gauges() -> None:
         metrics.reservations_open.set(await ledger.open_reservations())
         books = await ledger.books()
@@ -240,6 +245,7 @@ async def _resources(app: web.Application):
         asyncio.create_task(every(GAUGES_EVERY, gauges, stop)),
         asyncio.create_task(every(CATALOG_REFRESH, refresh_catalog, stop)),
         asyncio.create_task(every(settings.pending_retry_seconds, finish_refunds, stop)),
+        asyncio.create_task(every(settings.pending_retry_seconds, finish_deposits, stop)),
         asyncio.create_task(every(INVOICE_WATCH_EVERY, watch_invoices, stop)),
         asyncio.create_task(every(ADMIN_EVERY, housekeeping, stop)),
     ]

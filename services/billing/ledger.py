@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 
 import asyncpg
 import msgspec
@@ -85,6 +86,19 @@ class PendingRefund:
     recipient: str | None
 
 
+@dataclass(frozen=True)
+class DepositIntent:
+    """A deposit begun and not yet ended (`billing.deposit_intents`); `due_at` is the claim it was taken
+    under, so closing it cannot remove a newer intent a client's retry wrote meanwhile."""
+
+    token_hash: str
+    key_hash: str
+    create: bool
+    token: str
+    due_at: datetime
+    attempts: int
+
+
 class Ledger:
     def __init__(self, pool: asyncpg.Pool, box: SecretBox):
         self.pool = pool
@@ -141,8 +155,49 @@ class Ledger:
             raise LedgerError(fail("cashu_token_already_spent", "Cashu token already spent", 400))
         return bus.KeyInfo(**{**_struct_dict(await self.key_info(key_hash)), "credited_msat": deposit["credited_msat"]})
 
+    async def record_intent(self, token_hash: str, key_hash: str, token: str, create: bool, due_in: float) -> None:
+        """Write down, before the wallet is asked, that this token is being deposited to `key_hash`; the
+        deposit loop finishes it `due_in` seconds from now unless the credit (or a refusal) ends it first.
+        The token is stored sealed. A retry of the same token replaces the intent (and its due time)."""
+        await self.pool.execute(
+            "INSERT INTO billing.deposit_intents (token_hash, key_hash, create_key, token, due_at)"
+            " VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5)) ON CONFLICT (token_hash) DO UPDATE"
+            " SET key_hash = excluded.key_hash, create_key = excluded.create_key, token = excluded.token,"
+            " due_at = excluded.due_at",
+            token_hash, key_hash, create, self.box.seal(token), float(due_in),
+        )  # fmt: skip
+
+    async def close_intent(self, token_hash: str, claimed: datetime | None = None) -> None:
+        """End a deposit intent with nothing (more) to credit; with `claimed`, only if no retry renewed it."""
+        await self.pool.execute(
+            "DELETE FROM billing.deposit_intents WHERE token_hash = $1 AND ($2::timestamptz IS NULL OR due_at = $2)",
+            token_hash, claimed,
+        )  # fmt: skip
+
+    async def claim_intents(self, lease: float, limit: int = 50) -> list[DepositIntent]:
+        """Take the intents that are due, oldest first, for `lease` seconds: another billing replica skips
+        them until then (a replica killed mid-attempt leaves them to the next after the lease)."""
+        rows = await self.pool.fetch(
+            "UPDATE billing.deposit_intents i SET due_at = now() + make_interval(secs => $1), attempts = attempts + 1"
+            " FROM (SELECT token_hash FROM billing.deposit_intents WHERE due_at <= now() ORDER BY due_at LIMIT $2"
+            " FOR UPDATE SKIP LOCKED) due WHERE i.token_hash = due.token_hash RETURNING i.*",
+            float(lease), limit,
+        )  # fmt: skip
+        return [_intent(r, self.box) for r in rows]
+
+    async def retry_intent(self, intent: DepositIntent, retry_in: float) -> None:
+        """Give a claimed intent back, due again in `retry_in` seconds (unless a retry renewed it)."""
+        await self.pool.execute(
+            "UPDATE billing.deposit_intents SET due_at = now() + make_interval(secs => $3)"
+            " WHERE token_hash = $1 AND due_at = $2", intent.token_hash, intent.due_at, float(retry_in),
+        )  # fmt: skip
+
+    async def open_intents(self) -> int:
+        return await self.pool.fetchval("SELECT count(*) FROM billing.deposit_intents")
+
     async def credit_deposit(self, key_hash: str, token_hash: str, redeemed: bus.Redeemed, create: bool) -> bus.KeyInfo:
-        """Credit a redeemed token once: the deposits row (keyed by token hash) is the idempotency guard."""
+        """Credit a redeemed token once: the deposits row (keyed by token hash) is the idempotency guard.
+        The token's deposit intent is closed in the same transaction."""
         async with self.pool.acquire() as conn, conn.transaction():
             inserted = await conn.fetchval(
                 "INSERT INTO billing.deposits (token_hash, key_hash, mint_url, amount_msat, fee_msat, credited_msat)"
@@ -164,6 +219,7 @@ class Ledger:
             await _entry(conn, f"deposit:{token_hash}", "deposit", ECASH_IN, user(key_hash),
                          redeemed.credited_msat, key_hash)  # fmt: skip
             await _entry(conn, f"deposit-fee:{token_hash}", "fee", ECASH_IN, FEES, redeemed.fee_msat, key_hash)
+            await conn.execute("DELETE FROM billing.deposit_intents WHERE token_hash = $1", token_hash)
             return _info(row, redeemed.credited_msat)
 
     # ---- Lightning invoices ----------------------------------------------------------------
@@ -484,6 +540,11 @@ def _settled(request_id: str, row: asyncpg.Record, already: bool) -> bus.Settled
         request_id=request_id, cost_msat=row["cost_msat"], input_msat=row["input_msat"],
         output_msat=row["output_msat"], base_msat=row["base_msat"], balance_msat=row["balance_msat"], already=already,
     )  # fmt: skip
+
+
+def _intent(row: asyncpg.Record, box: SecretBox) -> DepositIntent:
+    token = box.open(row["token"])
+    return DepositIntent(row["token_hash"], row["key_hash"], row["create_key"], token, row["due_at"], row["attempts"])
 
 
 def _refunded(row: asyncpg.Record, box: SecretBox) -> bus.Refunded:

@@ -175,6 +175,13 @@ async def _other_v1(request: web.Request) -> web.StreamResponse:
     proxy = request.app[PROXY]
     if request.method == "POST":
         return await proxy.paid(request)
+    if request.method == "GET" and (request.path in PAID_PATHS or _is_balance(request.path)):
+        # The node's own path, not the upstream's: 405 for one of its POST routes, else 404 (as JSON, by `edge`).
+        methods = {route.method for resource in request.app.router.resources()
+                   if resource.canonical == request.path for route in resource}  # fmt: skip
+        if methods or request.path in PAID_PATHS:
+            raise web.HTTPMethodNotAllowed(request.method, sorted(methods - {"*"}) or ["POST"])
+        raise web.HTTPNotFound()
     if request.method == "GET":
         return await proxy.passthrough(request)
     raise web.HTTPMethodNotAllowed(request.method, ["GET", "POST"])

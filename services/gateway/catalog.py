@@ -57,6 +57,7 @@ def setup(app: web.Application) -> None:
     app[CACHE] = _Cache()
     app.router.add_get("/v1/info", _info)
     app.router.add_get("/v1/models", _models)
+    app.router.add_get("/v1/models/{model_id:.+}", _model)
     app.router.add_get("/models", _models)
     app.router.add_get("/v1/providers/", _providers)
     app.router.add_get("/v1/providers", _providers)
@@ -201,6 +202,21 @@ async def _models(request: web.Request) -> web.Response:
         return openai_error(503, f"The model catalog is not available right now ({exc.error.message})",
                             "catalog_unavailable", headers={"Retry-After": "1"})  # fmt: skip
     return web.Response(body=body, content_type="application/json")
+
+
+async def _model(request: web.Request) -> web.Response:
+    """`GET /v1/models/{id}` (the OpenAI SDK's `models.retrieve`): the entry `/v1/models` lists under that
+    id (an alias included), free; OpenAI's 404 `model_not_found` for any other id."""
+    try:
+        _, body = await current_catalog(request.app)
+    except BusError as exc:
+        return openai_error(503, f"The model catalog is not available right now ({exc.error.message})",
+                            "catalog_unavailable", headers={"Retry-After": "1"})  # fmt: skip
+    wanted = request.match_info["model_id"]
+    for entry in json.loads(body)["data"]:
+        if entry["id"] == wanted:
+            return web.json_response(entry)
+    return openai_error(404, f"The model `{wanted}` does not exist", "model_not_found")
 
 
 def sats_pricing(model: bus.ModelEntry) -> dict[str, float]:

@@ -155,6 +155,11 @@ def _public() -> dict:
             "parameters": [{"name": "initial_balance_token", "in": "query", "required": True,
                             "schema": {"type": "string"}}],
             "responses": {"200": _json(OBJECT), **_errors(PUBLIC_ERRORS, DETAIL)}}},
+        "/v1/balance/topup": {"post": {
+            "operationId": "balance_topup", "tags": ["balance"], "security": key,
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "required": ["cashu_token"], "properties": {"cashu_token": {"type": "string"}}}}}},
+            "responses": {"200": _json(OBJECT), **_errors(PUBLIC_ERRORS, DETAIL)}}},
         "/v1/balance/refund": {"post": {"operationId": "balance_refund", "tags": ["balance"], "security": key,
                                         "responses": {"200": _json(OBJECT), **_errors(PUBLIC_ERRORS, DETAIL)}}},
         "/v1/chat/completions": {"post": {

@@ -175,7 +175,9 @@ class Proxy:
             kind = "a multipart form with a model field" if form else "a JSON object"
             return openai_error(400, f"Request body must be {kind}", "invalid_body")
         model = request.headers.get("X-Routstr-Model") or body.get("model")
-        if not isinstance(model, str) or not model.strip():
+        if model is not None and not isinstance(model, str):
+            return openai_error(400, "model must be a string, the id of a model /v1/models lists", "invalid_model")
+        if not model or not model.strip():
             return openai_error(400, "you must provide a model parameter", "missing_model")
         prompt_estimate = estimate_prompt_tokens(body)
         max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens")
@@ -422,6 +424,11 @@ class Proxy:
             child(self.metrics.upstream_ttfb_seconds, model).observe(time.monotonic() - started)
             return response
         call.body["model"] = payload_model
+        if failure is None and not candidates and provider_type and wait == math.inf:
+            # Not a passing outage: none of the model's providers speaks the Messages API (a configuration).
+            message = (f"No provider of this node serves {call.reserved.model} over Anthropic's Messages API; "
+                       "use /v1/chat/completions")  # fmt: skip
+            return await self._refuse(call, openai_error(400, message, "unsupported_api"))
         if failure is None:
             retry = str(max(1, math.ceil(wait))) if wait != math.inf else "5"
             child(self.metrics.upstream_errors, "no_provider").inc()
@@ -505,6 +512,7 @@ class Proxy:
         )
         held: list[bytes] = []  # the usage report first, then every event after it
         usage_report: dict | None = None
+        first_event: dict | None = None  # the stream's first JSON event (its id, model and created)
         failed = False
         answered = False  # whether any event with a JSON payload reached the client
         try:
@@ -518,12 +526,13 @@ class Proxy:
 
         def relay(events: list[bytes]) -> bytes:
             """Meter the events one read completed; what goes to the client now, in one write."""
-            nonlocal usage_report, answered
+            nonlocal usage_report, answered, first_event
             out = []
             for raw in events:
                 parsed = _event_json(raw)
                 role = call.meter.event(parsed) if parsed is not None else None
-                answered = answered or parsed is not None
+                if parsed is not None and not answered:
+                    answered, first_event = True, parsed
                 if held or role == "usage":
                     usage_report = usage_report if held else parsed
                     held.append(raw)
@@ -554,6 +563,8 @@ class Proxy:
             if held and usage_report is not None:
                 held[0] = self._costed_report(call, held[0], usage_report, settled, client_wants_usage)
             if failed:
+                if usage_report is None and client_wants_usage and settled is not None and call.charged:
+                    held.append(self._estimated_report(call, first_event, settled))
                 held.append(_midstream_error(call))
             await response.write_eof(b"".join(held))
         except (ConnectionError, asyncio.CancelledError) as exc:
@@ -580,6 +591,22 @@ class Proxy:
         target = report["response"] if isinstance(report.get("response"), dict) else report
         add_cost(target, cost_fields(call, settled, self.usd_per_msat())[0], settled)
         return sse.replace_data(raw, _json_encode(report))
+
+    def _estimated_report(self, call: Call, first: dict | None, settled: bus.Settled) -> bytes:
+        """For a Chat Completions stream that broke off before its usage chunk, when the client asked for
+        usage (`stream_options.include_usage`): OpenAI's usage chunk with what the call was charged
+        (estimated) and its cost, so the client sees the charge. Other APIs: nothing (b"")."""
+        if not call.path.endswith("/chat/completions"):
+            return b""
+        first, tokens = first or {}, call.charged
+        report = {
+            "id": first.get("id", f"chatcmpl-{call.request_id}"), "object": "chat.completion.chunk",
+            "created": first.get("created", int(time.time())), "model": first.get("model", call.reserved.model),
+            "choices": [], "usage": {"prompt_tokens": tokens.prompt, "completion_tokens": tokens.completion,
+                                     "total_tokens": tokens.prompt + tokens.completion},
+        }  # fmt: skip
+        add_cost(report, cost_fields(call, settled, self.usd_per_msat())[0], settled)
+        return b"data: " + _json_encode(report) + b"\n\n"
 
     # ---- settlement and change ----------------------------------------------------------------
 

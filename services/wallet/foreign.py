@@ -66,17 +66,21 @@ class ForeignSwaps:
         self.max_sats = max_sats
         self.hourly_sats = hourly_sats
 
-    async def redeem(self, raw: str, token: ecash.ParsedToken, target_url: str) -> bus.Redeemed:
+    async def redeem(self, raw: str, token: ecash.ParsedToken, target_url: str, resume_only: bool = False
+                     ) -> bus.Redeemed:  # fmt: skip
         """Swap `token` into `target_url`'s ecash; the answer is a `bus.Redeemed` whose `mint_url` is
         the listed mint the value landed at, `amount_msat` the face value and `fee_msat` what the
         foreign mint and Lightning took. Raises BusError: `foreign_mint_limit` (400),
         `foreign_mint_rate_limited` (429), `mint_unavailable` (503), `cashu_token_already_spent`,
-        `invalid_token` (400), `foreign_swap_failed` (502, token unspent)."""
+        `invalid_token` (400), `foreign_swap_failed` (502, token unspent); with `resume_only`, a token
+        never taken here is refused as `unknown_token` (404) and left untouched."""
         token_hash = ecash.token_hash(raw)
         async with self._wallet._exclusive(storage.redeem_op(token_hash)) as conn:
             row = await _get(conn, token_hash)
             if row is not None and row["state"] == "done":
                 return _redeemed(row, already=True)
+            if row is None and resume_only:
+                raise _fail("unknown_token", "Unknown payment token: it was never received by this node", 404)
             foreign = self._wallet._mints.get(token.mint_url)
             if row is not None:
                 done = await self._resume(conn, row, foreign, token.proofs)

@@ -144,7 +144,7 @@ class NodeWallet:
             raise _fail("invalid_token", str(exc), 400) from None
         if token.mint_url not in self._accepted:
             if self.foreign is not None and self.foreign.max_sats > 0 and self._accepted:  # swapped in over Lightning
-                return await self.foreign.redeem(raw, token, self._accepted[0])
+                return await self.foreign.redeem(raw, token, self._accepted[0], resume_only)
             accepted = ", ".join(self._accepted) or "none"
             raise _fail(
                 "mint_not_accepted", f"tokens from {token.mint_url} are not accepted; accepted mints: {accepted}", 400
