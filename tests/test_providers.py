@@ -409,7 +409,8 @@ async def test_anthropic_messages_natively_priced_by_anthropic_usage(node, http,
     assert status == 200 and answer["object"] == "chat.completion", answer  # Anthropic's OpenAI-compatible endpoint
     assert stubs["d"].app[upstream.HITS]["/v1/chat/completions"] == 1
     async with http.post(f"{node.url}/v1/messages", json={**body, "model": "m-only-b"}, headers=headers) as response:
-        assert response.status == 503  # no Anthropic-type provider serves it
+        assert response.status == 400  # no Anthropic-type provider serves it: a configuration, not an outage
+        assert (await response.json())["error"]["code"] == "unsupported_api"
 
 
 async def test_a_provider_added_to_the_store_is_sold_after_the_change_event(node, http, stubs):
