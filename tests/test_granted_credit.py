@@ -147,14 +147,19 @@ async def test_create_key_refuses_a_negative_amount_cleanly(make_node):
 async def test_granted_and_topped_up_key_refunds_its_top_up_less_spending_beyond_the_grant(make_node, http,
                                                                                          client_wallet):  # fmt: skip
     node = await make_node(CORE, **PRICES)
+
+    async def granted_topped_up_and_used(granted: int) -> tuple[str, dict]:
+        """A key granted `granted` msat, topped up with a 20-sat token, after two calls: (key, its settled info)."""
+        key = await funded_key(node.settings.nats_url, granted)
+        async with http.post(f"{node.url}/v1/balance/topup", json={"cashu_token": await client_wallet.token(20)},
+                             headers=auth(key)) as response:  # fmt: skip
+            assert response.status == 200, await response.text()
+        for _ in range(2):
+            await chat(http, node, key)
+        return key, await settled_balance(http, node, key)
+
     # Spending within the grant: the whole top-up comes back, the rest of the grant stays, spendable.
-    key = await funded_key(node.settings.nats_url, 5_000)
-    async with http.post(f"{node.url}/v1/balance/topup", json={"cashu_token": await client_wallet.token(20)},
-                         headers=auth(key)) as response:  # fmt: skip
-        assert response.status == 200, await response.text()
-    for _ in range(2):
-        await chat(http, node, key)
-    info = await settled_balance(http, node, key)
+    key, info = await granted_topped_up_and_used(5_000)
     spent = info["total_spent"]
     assert spent < 5_000 and info["refundable"] == 20_000 and info["balance"] == 25_000 - spent
     status, body, _ = await refund(http, node, auth(key))
@@ -167,13 +172,7 @@ async def test_granted_and_topped_up_key_refunds_its_top_up_less_spending_beyond
     assert status == 200 and again["refund_id"] == body["refund_id"], again
 
     # Spending beyond the grant: the top-up less what was spent beyond the grant.
-    key = await funded_key(node.settings.nats_url, 2_000)
-    async with http.post(f"{node.url}/v1/balance/topup", json={"cashu_token": await client_wallet.token(20)},
-                         headers=auth(key)) as response:  # fmt: skip
-        assert response.status == 200, await response.text()
-    for _ in range(2):
-        await chat(http, node, key)
-    info = await settled_balance(http, node, key)
+    key, info = await granted_topped_up_and_used(2_000)
     spent = info["total_spent"]
     assert spent > 2_000, info
     assert info["refundable"] == info["balance"] == 22_000 - spent
