@@ -127,6 +127,10 @@ class BillingMetrics:
             "routstr_reconcile_difference_msat", "Ledger imbalance found by reconcile; must be 0",
             registry=registry,
         )  # fmt: skip
+        self.deposit_intents_open = Gauge(
+            "routstr_deposit_intents_open",
+            "Deposits begun and not ended (the wallet was asked to redeem; no credit written yet)", registry=registry,
+        )  # fmt: skip
         self.grants_open = Gauge(
             "routstr_grants_open", "Quota grants open in billing (granted to a gateway, not terminated or expired)",
             registry=registry,

@@ -23,6 +23,7 @@ from services.billing import app as billing_app
 from services.billing.grants import _Batch
 from services.gateway.quota import Grant
 from shared import bus, messaging
+from shared.messaging import BusError
 from tests.conftest import node_env
 from tests.support.cluster import Cluster
 from tests.support.keys import funded_key, reconcile
@@ -386,6 +387,16 @@ async def test_billing_exports_grants_open_held_recalled_and_expired(make_node, 
     assert expired[("routstr_grants_open", ())] == 0
     returncode, output = await promtool_check_metrics(raw)
     assert returncode == 0, output
+    # A deposit billing began while no wallet answers stays open (its recovery loop ends it later): counted.
+    assert expired[("routstr_deposit_intents_open", ())] == 0
+    nc = await messaging.connect(node.settings.nats_url, "test-gateway")
+    try:
+        deposit = bus.Deposit(hash_of(key), "cashuB" + "A" * 64, create=False)
+        with pytest.raises(BusError):
+            await messaging.request(nc, bus.BILLING_DEPOSIT, deposit, bus.KeyInfo, 10)
+    finally:
+        await nc.drain()
+    await scraped_until(url, lambda s: s[("routstr_deposit_intents_open", ())] == 1)
 
 
 async def test_a_gateway_exports_its_grants_and_requests_and_billing_counts_its_grant_expired_after_kill_9(

@@ -226,6 +226,7 @@ async def _resources(app: web.Application):
 
     async def gauges() -> None:
         metrics.reservations_open.set(await ledger.open_reservations())
+        metrics.deposit_intents_open.set(await ledger.open_intents())
         books = await ledger.books()
         metrics.owed_msat.set(books["owed"])
         metrics.revenue_msat.set(books.get("revenue", 0))
