@@ -24,7 +24,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from nostr_sdk import Keys
 
-from devstack import processes
 from services.discovery.app import MIGRATIONS as DISCOVERY_MIGRATIONS
 from services.discovery.identity import stored_keys
 from services.wallet import storage
@@ -33,7 +32,7 @@ from services.wallet.lnurl import LnurlClient, LnurlError, public_address
 from shared import bus, db, messaging, tls
 from shared.config import ConfigError, load_settings
 from shared.secretbox import SecretBox, is_sealed, rotate
-from tests.conftest import SECRETS_KEY, UPSTREAM_KEY, node_env
+from tests.conftest import SECRETS_KEY, UPSTREAM_KEY, node_env, serve_app
 from tests.support import natsauth
 from tests.support.cluster import Cluster
 from tests.support.keys import funded_key
@@ -310,10 +309,8 @@ async def test_lnurl_fetches_only_the_checked_addresses_and_checks_the_invoice(m
     app = web.Application()
     app.router.add_get("/.well-known/lnurlp/alice", params)
     app.router.add_get("/cb", callback)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = processes.free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    runner, url = await serve_app(app)
+    port = int(url.rsplit(":", 1)[1])
     resolve, asked = stub_resolver("127.0.0.1")
     client = LnurlClient(allow_loopback=True, resolve=resolve)
     try:
@@ -339,10 +336,8 @@ async def test_lnurl_follows_no_redirect_and_reads_no_oversized_answer():
     app = web.Application()
     app.router.add_get("/.well-known/lnurlp/alice", redirect)
     app.router.add_get("/.well-known/lnurlp/bob", huge)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = processes.free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    runner, url = await serve_app(app)
+    port = int(url.rsplit(":", 1)[1])
     client = LnurlClient(allow_loopback=True)
     try:
         with pytest.raises(LnurlError, match="answered 302"):
@@ -426,10 +421,8 @@ async def test_an_lnurl_callback_on_another_host_is_refused_before_it_is_called(
 
     app = web.Application()
     app.router.add_get("/.well-known/lnurlp/alice", params)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = processes.free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    runner, url = await serve_app(app)
+    port = int(url.rsplit(":", 1)[1])
     try:
         status, body = await refund_to(http, node, key, f"alice@127.0.0.1:{port}")
         assert status == 400 and "callback" in body["detail"], body
