@@ -40,6 +40,7 @@ class _Cache:
     def __init__(self) -> None:
         self.catalog: bus.Catalog | None = None
         self.body = b""
+        self.entries: dict[str, dict] = {}  # id -> its entry in `body` (`GET /v1/models/{id}`)
         self.fetched_at = -math.inf
         self.first_seen: dict[str, int] = {}  # model id -> unix time first listed (OpenAI's `created`)
         self.lock = asyncio.Lock()
@@ -168,6 +169,7 @@ async def current_catalog(app: web.Application) -> tuple[bus.Catalog, bytes]:
                 cache.first_seen.setdefault(model.id, now)
             data = render_models(catalog, cache.first_seen)
             cache.body = json.dumps({"object": "list", "data": data}, separators=(",", ":")).encode()
+            cache.entries = {entry["id"]: entry for entry in data}
             cache.catalog = catalog
         cache.fetched_at = time.monotonic()
         return cache.catalog, cache.body
@@ -199,24 +201,27 @@ async def _models(request: web.Request) -> web.Response:
     try:
         _, body = await current_catalog(request.app)
     except BusError as exc:
-        return openai_error(503, f"The model catalog is not available right now ({exc.error.message})",
-                            "catalog_unavailable", headers={"Retry-After": "1"})  # fmt: skip
+        return _catalog_unavailable(exc)
     return web.Response(body=body, content_type="application/json")
+
+
+def _catalog_unavailable(exc: BusError) -> web.Response:
+    return openai_error(503, f"The model catalog is not available right now ({exc.error.message})",
+                        "catalog_unavailable", headers={"Retry-After": "1"})  # fmt: skip
 
 
 async def _model(request: web.Request) -> web.Response:
     """`GET /v1/models/{id}` (the OpenAI SDK's `models.retrieve`): the entry `/v1/models` lists under that
     id (an alias included), free; OpenAI's 404 `model_not_found` for any other id."""
     try:
-        _, body = await current_catalog(request.app)
+        await current_catalog(request.app)
     except BusError as exc:
-        return openai_error(503, f"The model catalog is not available right now ({exc.error.message})",
-                            "catalog_unavailable", headers={"Retry-After": "1"})  # fmt: skip
+        return _catalog_unavailable(exc)
     wanted = request.match_info["model_id"]
-    for entry in json.loads(body)["data"]:
-        if entry["id"] == wanted:
-            return web.json_response(entry)
-    return openai_error(404, f"The model `{wanted}` does not exist", "model_not_found")
+    entry = request.app[CACHE].entries.get(wanted)
+    if entry is None:
+        return openai_error(404, f"The model `{wanted}` does not exist", "model_not_found")
+    return web.json_response(entry)
 
 
 def sats_pricing(model: bus.ModelEntry) -> dict[str, float]:
