@@ -8,7 +8,9 @@ production), funds one `sk-` key shared by every connection and 1,000 keys, and 
   node with one key and with 1,000 keys; p50 / p99 and what the node adds over the bare proxy;
 - throughput at fixed concurrency, closed loop, non-streamed and streamed: the same four targets;
 - a key's first call, which waits for a quota grant (100 keys never used before);
-- two gateways against one (1,000 keys, non-streamed), with how busy the machine's cores were;
+- two gateways against one (1,000 keys, non-streamed), with how busy the machine's cores were, then
+  again with each gateway limited to `--gateway-cpus` cores (a cgroup CPU quota, as a Kubernetes CPU
+  limit; measured where the cgroup cpu controller is writable);
 - billing's settlement rate: usage events drained from the stream per second by one replica;
 - the gateway's resident memory before and after 10,000 streamed calls.
 
@@ -172,6 +174,43 @@ def _busy(pids: tuple[int, ...] = ()):
     result.append(((end[0] - start[0]) / max(end[1] - start[1], 1), used() - start_used))
 
 
+@contextlib.contextmanager
+def _cpu_limited(pids: list[int], cores: float):
+    """Each of `pids` in its own cgroup whose CPU time is capped at `cores` (a CFS quota, what a Kubernetes
+    CPU limit sets), for the block: `with _cpu_limited(pids, 0.25) as limited:`. `limited` is False, and
+    nothing is changed, where this machine has no writable cgroup cpu controller (v1 or v2; needs root)."""
+    period = 10_000  # us: short, so a throttled gateway pauses for a few milliseconds, not most of 100 ms
+    quota = max(int(cores * period), 1000)
+    v1, v2 = Path("/sys/fs/cgroup/cpu"), Path("/sys/fs/cgroup")
+    groups: list[Path] = []
+    try:
+        for pid in pids:
+            if (v1 / "cpu.cfs_quota_us").exists():
+                groups.append(group := v1 / f"routstr-bench-{pid}")
+                group.mkdir(exist_ok=True)
+                (group / "cpu.cfs_period_us").write_text(str(period))
+                (group / "cpu.cfs_quota_us").write_text(str(quota))
+            else:
+                if "cpu" not in (v2 / "cgroup.controllers").read_text().split():
+                    raise OSError("no cpu controller in cgroup v2")
+                (v2 / "cgroup.subtree_control").write_text("+cpu")
+                groups.append(group := v2 / f"routstr-bench-{pid}")
+                group.mkdir(exist_ok=True)
+                (group / "cpu.max").write_text(f"{quota} {period}")
+            (group / "cgroup.procs").write_text(str(pid))
+        limited = True
+    except OSError:
+        limited = False
+    try:
+        yield limited
+    finally:
+        for group in groups:
+            with contextlib.suppress(OSError):
+                for pid in (group / "cgroup.procs").read_text().split():
+                    (group.parent / "cgroup.procs").write_text(pid)
+                group.rmdir()
+
+
 def _rss_kb(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -224,6 +263,19 @@ async def _measure(urls: dict[str, str], keys: list[str], args, gateway_pids: li
         results["two_gateways"]["gateway_cpu_us_per_call"] = (
             gateway_cpu * 1e6 / max(results["two_gateways"]["requests"], 1)
         )
+        # The same comparison with each gateway held to `--gateway-cpus` cores, as a Kubernetes CPU limit
+        # holds a pod: then the gateways, not the cores the load generator, stub, NATS, billing and Postgres
+        # share, bound the throughput, and two serve twice one unless something in the node serialises them.
+        with _cpu_limited(gateway_pids, args.gateway_cpus) as limited:
+            if limited:
+                results["limited"] = {"cores_per_gateway": args.gateway_cpus}
+                for name, target in (("one", [urls["gateway"]]), ("two", both)):
+                    await warm(target, many)
+                    with _busy(tuple(gateway_pids)) as busy:
+                        run = await _closed_loop(session, target, many, args.concurrency, args.seconds, BODY)
+                    run["cpu_busy"], gateway_cpu = busy()
+                    run["gateway_cpu_us_per_call"] = gateway_cpu * 1e6 / max(run["requests"], 1)
+                    results["limited"][name] = run
         results["settlement"] = await _settle_rate(nats_url, keys, args.settle_events)
         await _closed_loop(session, [urls["gateway"]], many, args.concurrency, 60, STREAM, limit=1000)
         before = _rss_kb(gateway_pids[0])
@@ -272,6 +324,7 @@ def _report(results: dict, args) -> str:
         f"with two and {thr['node, 1,000 keys']['cpu_busy']:.0%} with one; gateway CPU per call "
         f"{results['two_gateways']['gateway_cpu_us_per_call']:.0f} us with two, "
         f"{thr['node, 1,000 keys']['gateway_cpu_us_per_call']:.0f} us with one",
+        _limited(results.get("limited")),
         f"a key's first call (waits for its grant): {cold['p50_ms']:.2f} / {cold['p99_ms']:.2f} ms p50 / p99",
         f"billing settles {settle['events_per_s']:,.0f} usage events/s (one replica, {settle['events']:,} events)",
         f"gateway RSS over {memory['streams']:,} streams: {memory['rss_before_kb'] / 1024:.1f} MiB -> "
@@ -280,12 +333,30 @@ def _report(results: dict, args) -> str:
     return "\n".join(lines)
 
 
+def _limited(limited: dict | None) -> str:
+    if not limited:
+        return "two gateways, each CPU-limited: not measured (no writable cgroup cpu controller; needs root)"
+    one, two = limited["one"], limited["two"]
+    return (
+        f"two gateways, each limited to {limited['cores_per_gateway']} CPU: {two['rps']:,.0f} req/s against one's "
+        f"{one['rps']:,.0f} req/s ({two['rps'] / one['rps']:.2f}x); the cores were {two['cpu_busy']:.0%} busy with "
+        f"two and {one['cpu_busy']:.0%} with one; gateway CPU per call {two['gateway_cpu_us_per_call']:.0f} us "
+        f"with two, {one['gateway_cpu_us_per_call']:.0f} us with one"
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description="What the node adds over a bare reverse proxy")
     parser.add_argument("--rate", type=int, default=500, help="requests per second in the latency runs")
     parser.add_argument("--seconds", type=float, default=5, help="length of each latency and throughput run")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--settle-events", type=int, default=20_000, help="usage events in the settlement run")
+    parser.add_argument(
+        "--gateway-cpus",
+        type=float,
+        default=0.25,
+        help="cores each gateway may use in the CPU-limited run of two gateways against one",
+    )
     parser.add_argument("--streams", type=int, default=10_000, help="streamed calls in the memory run")
     args = parser.parse_args()
     uvloop.install()  # the load generator should not be the bottleneck of either path

@@ -131,6 +131,11 @@ class BillingMetrics:
             "routstr_deposit_intents_open",
             "Deposits begun and not ended (the wallet was asked to redeem; no credit written yet)", registry=registry,
         )  # fmt: skip
+        self.pending_oldest_age_seconds = Gauge(
+            "routstr_pending_oldest_age_seconds",
+            "Age of the oldest money operation not yet final, by operation (deposit: begun, not credited; refund: "
+            "debited, not paid out); 0 when none", ["operation"], registry=registry,
+        )  # fmt: skip
         self.grants_open = Gauge(
             "routstr_grants_open", "Quota grants open in billing (granted to a gateway, not terminated or expired)",
             registry=registry,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -33,6 +34,17 @@ DRAINING = web.AppKey("draining", list)
 METRICS_URL = web.AppKey("metrics_url", str)
 
 Check = Callable[[], Awaitable[bool] | bool]
+
+
+async def wait_event(event: asyncio.Event, seconds: float) -> bool:
+    """A background loop's pause: wait up to `seconds` for `event`; True if it is set. Cancelling the
+    waiting task always cancels it. `asyncio.wait_for(event.wait(), seconds)` does not promise that on
+    Python 3.11: a cancel that lands as the event is set is swallowed (CPython gh-86296, fixed in 3.12 by
+    building `wait_for` on `asyncio.timeout`), and a loop stopped by cancellation then runs on."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await event.wait()
+    return event.is_set()
 
 
 def ops_app(settings: Settings, registry: CollectorRegistry, metrics_route: bool = True) -> web.Application:

@@ -13,6 +13,7 @@ import pytest
 from devstack.processes import free_port
 from shared import bus, db
 from shared.config import SETTINGS_DOC, ConfigError, load_settings
+from shared.service import wait_event
 from tests.conftest import SECRETS_KEY
 
 
@@ -150,3 +151,18 @@ def test_secrets_are_scrubbed_from_log_lines():
     line = JsonFormatter("gateway").format(record)
     assert secret_token[8:] not in line and secret_key[8:] not in line and "xyz" not in line
     assert '"service": "gateway"' in line and "[redacted]" in line
+
+
+async def test_a_background_loops_pause_ends_on_cancel_even_as_its_event_is_set():
+    # Every service loop pauses with wait_event and is stopped by cancelling it. Built on 3.11's
+    # asyncio.wait_for, the cancel below was swallowed (CPython gh-86296): discovery's catalog loop, woken by
+    # a catalog change as its service stopped, ran on and the stop hung.
+    event = asyncio.Event()
+    waiting = asyncio.ensure_future(wait_event(event, 60))
+    await asyncio.sleep(0)  # it is waiting now
+    event.set()
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert await wait_event(event, 0.01) is True
+    assert await wait_event(asyncio.Event(), 0.01) is False

@@ -400,7 +400,9 @@ async def test_billing_exports_grants_open_held_recalled_and_expired(make_node, 
             await messaging.request(nc, bus.BILLING_DEPOSIT, deposit, bus.KeyInfo, 10)
     finally:
         await nc.drain()
-    await scraped_until(url, lambda s: s[("routstr_deposit_intents_open", ())] == 1)
+    pending = await scraped_until(url, lambda s: s[("routstr_deposit_intents_open", ())] == 1)
+    assert pending[("routstr_pending_oldest_age_seconds", (("operation", "refund"),))] == 0
+    await scraped_until(url, lambda s: s[("routstr_pending_oldest_age_seconds", (("operation", "deposit"),))] > 0)
 
 
 async def test_a_gateway_exports_its_grants_and_requests_and_billing_counts_its_grant_expired_after_kill_9(

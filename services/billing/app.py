@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 from pathlib import Path
@@ -25,7 +24,7 @@ from shared import bus, db, messaging, tls
 from shared.config import Settings
 from shared.metrics import BillingMetrics
 from shared.secretbox import SecretBox
-from shared.service import CHECKS, NC, POOL, SETTINGS, nats_check, ops_app, pool_check, retry_start
+from shared.service import CHECKS, NC, POOL, SETTINGS, nats_check, ops_app, pool_check, retry_start, wait_event
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +69,7 @@ async def consume_usage(nc: NATS, accounts: Accounts, stop: asyncio.Event) -> No
                 continue
             except Exception as exc:  # e.g. NATS reconnecting: the consumer must outlive it
                 log.warning("usage stream fetch failed (%s); retrying", exc.__class__.__name__)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), 1)
+                await wait_event(stop, 1)
                 continue
             for msg in await _settle_batches(accounts, messages):
                 try:
@@ -86,8 +84,7 @@ async def consume_usage(nc: NATS, accounts: Accounts, stop: asyncio.Event) -> No
                     log.exception("usage event not settled; it will be redelivered")
                     await msg.nak(delay=2)
             if len(messages) < USAGE_FETCH:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), USAGE_LINGER)
+                await wait_event(stop, USAGE_LINGER)
     finally:
         # nats-py: drain() hangs after a timed-out fetch unless the pull subscription is gone first.
         await sub.unsubscribe()
@@ -131,8 +128,7 @@ async def every(seconds: float, work, stop: asyncio.Event) -> None:
             await work()
         except Exception:
             log.exception("periodic task %s failed", getattr(work, "__name__", work))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), seconds)
+        await wait_event(stop, seconds)
 
 
 async def _resources(app: web.Application):
@@ -227,6 +223,8 @@ async def _resources(app: web.Application):
     async def gauges() -> None:
         metrics.reservations_open.set(await ledger.open_reservations())
         metrics.deposit_intents_open.set(await ledger.open_intents())
+        for operation, age in (await ledger.oldest_pending()).items():
+            metrics.pending_oldest_age_seconds.labels(operation).set(age)
         books = await ledger.books()
         metrics.owed_msat.set(books["owed"])
         metrics.revenue_msat.set(books.get("revenue", 0))

@@ -195,6 +195,17 @@ class Ledger:
     async def open_intents(self) -> int:
         return await self.pool.fetchval("SELECT count(*) FROM billing.deposit_intents")
 
+    async def oldest_pending(self) -> dict[str, float]:
+        """Seconds since the oldest deposit intent and the oldest pending refund began, 0 for none:
+        {"deposit": s, "refund": s}. Both end by themselves within about a minute of a fault clearing,
+        so an age far past that means one is stuck."""
+        row = await self.pool.fetchrow(
+            "SELECT (SELECT extract(epoch FROM now() - min(created_at)) FROM billing.deposit_intents) AS deposit,"
+            " (SELECT extract(epoch FROM now() - min(created_at)) FROM billing.refunds WHERE state = 'pending')"
+            " AS refund"
+        )
+        return {operation: float(row[operation] or 0) for operation in ("deposit", "refund")}
+
     async def credit_deposit(self, key_hash: str, token_hash: str, redeemed: bus.Redeemed, create: bool) -> bus.KeyInfo:
         """Credit a redeemed token once: the deposits row (keyed by token hash) is the idempotency guard.
         The token's deposit intent is closed in the same transaction."""

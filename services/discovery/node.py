@@ -16,6 +16,7 @@ from services.discovery.relays import Relays
 from shared import bus
 from shared.config import ConfigError, Settings
 from shared.messaging import BusError, Responder, request
+from shared.service import wait_event
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +129,7 @@ class Discovery:
                 if self.catalog is None or catalog.revision != self.catalog.revision or learned_key:
                     self.catalog = catalog
                     self._announce()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), timeout=wait)
+            await wait_event(self._changed, wait)
 
     async def _learn_p2pk_pubkey(self, nc: NATS) -> bool:
         """Ask the wallet for its NUT-11 key until it answers; True the turn it first does."""

@@ -8,7 +8,6 @@ we only decide what to (re)send and when.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from services.discovery.announcement import KIND, Announcement, parse_provider
 from services.discovery.identity import Clock
 from shared import bus
 from shared.metrics import DiscoveryMetrics
+from shared.service import wait_event
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +119,7 @@ class Relays:
             except Exception:
                 log.exception("announcement step failed; retrying")
             self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self._sleep_for())
+            await wait_event(self._wake, self._sleep_for())
 
     def _sleep_for(self) -> float:
         now = time.monotonic()

@@ -27,6 +27,7 @@ from services.gateway.usage_stream import UsageStream
 from shared import bus, pricing
 from shared.messaging import BusError, request
 from shared.metrics import GatewayMetrics
+from shared.service import wait_event
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +101,7 @@ class BillingClient:
                 await self.nc.publish(bus.GATEWAY_ALIVE, bus.encode(alive))
             except Exception as exc:  # reconnecting with a full buffer, closed at shutdown
                 log.debug("heartbeat not sent: %s", exc)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), self._beat_every)
+            await wait_event(self._stop, self._beat_every)
 
     async def close(self) -> None:
         """At shutdown, once no call is in flight: store pending usage, give every grant back."""
@@ -116,8 +116,7 @@ class BillingClient:
     async def _sweep_holds(self) -> None:
         """A call that never ended (a bug, a task killed) releases its hold after `hold_ttl`, uncharged."""
         while not self._stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), STALE_HOLD_CHECK)
+            await wait_event(self._stop, STALE_HOLD_CHECK)
             limit = time.monotonic() - self._hold_ttl
             for reservation_id in [r for r, hold in self._holds.items() if hold.since < limit]:
                 hold = self._holds.pop(reservation_id)

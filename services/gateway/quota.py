@@ -24,6 +24,7 @@ from nats.aio.client import Client as NATS
 from shared import bus
 from shared.messaging import BusError, request
 from shared.metrics import GatewayMetrics, child
+from shared.service import wait_event
 
 log = logging.getLogger(__name__)
 
@@ -292,8 +293,7 @@ class Quota:
             except Exception:
                 log.exception("quota maintenance failed")
             self.update_gauges()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), tick)
+            await wait_event(stop, tick)
 
     async def close(self) -> None:
         """At shutdown: give every grant back (calls in flight have ended by now)."""
