@@ -40,6 +40,7 @@ from pathlib import Path
 import aiohttp
 import uvloop
 from cryptography.fernet import Fernet
+from prometheus_client.parser import text_string_to_metric_families
 
 from devstack import processes
 from shared import bus, messaging
@@ -211,6 +212,17 @@ def _cpu_limited(pids: list[int], cores: float):
                 group.rmdir()
 
 
+async def _quota_requests(session: aiohttp.ClientSession, metrics_urls: list[str]) -> float:
+    """Credit-Control-Requests the gateways have sent billing so far (`routstr_quota_requests_total`)."""
+    total = 0.0
+    for url in metrics_urls:
+        async with session.get(url) as response:
+            for family in text_string_to_metric_families(await response.text()):
+                if family.name == "routstr_quota_requests":
+                    total += sum(sample.value for sample in family.samples if sample.name.endswith("_total"))
+    return total
+
+
 def _rss_kb(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -218,7 +230,7 @@ def _rss_kb(pid: int) -> int:
     return 0
 
 
-async def _measure(urls: dict[str, str], keys: list[str], args, gateway_pids: list[int], nats_url: str) -> dict:
+async def _measure(urls: dict, keys: list[str], args, gateway_pids: list[int], nats_url: str) -> dict:
     one_key = [{"Authorization": f"Bearer {keys[0]}", "Content-Type": "application/json"}]
     many = [{"Authorization": f"Bearer {key}", "Content-Type": "application/json"} for key in keys[1 : KEYS + 1]]
     cold = [{"Authorization": f"Bearer {key}", "Content-Type": "application/json"} for key in keys[KEYS + 1 :]]
@@ -271,10 +283,14 @@ async def _measure(urls: dict[str, str], keys: list[str], args, gateway_pids: li
                 results["limited"] = {"cores_per_gateway": args.gateway_cpus}
                 for name, target in (("one", [urls["gateway"]]), ("two", both)):
                     await warm(target, many)
+                    requests_before = await _quota_requests(session, urls["metrics"])
                     with _busy(tuple(gateway_pids)) as busy:
                         run = await _closed_loop(session, target, many, args.concurrency, args.seconds, BODY)
                     run["cpu_busy"], gateway_cpu = busy()
                     run["gateway_cpu_us_per_call"] = gateway_cpu * 1e6 / max(run["requests"], 1)
+                    run["quota_requests_per_call"] = (
+                        await _quota_requests(session, urls["metrics"]) - requests_before
+                    ) / max(run["requests"], 1)
                     results["limited"][name] = run
         results["settlement"] = await _settle_rate(nats_url, keys, args.settle_events)
         await _closed_loop(session, [urls["gateway"]], many, args.concurrency, 60, STREAM, limit=1000)
@@ -341,7 +357,8 @@ def _limited(limited: dict | None) -> str:
         f"two gateways, each limited to {limited['cores_per_gateway']} CPU: {two['rps']:,.0f} req/s against one's "
         f"{one['rps']:,.0f} req/s ({two['rps'] / one['rps']:.2f}x); the cores were {two['cpu_busy']:.0%} busy with "
         f"two and {one['cpu_busy']:.0%} with one; gateway CPU per call {two['gateway_cpu_us_per_call']:.0f} us "
-        f"with two, {one['gateway_cpu_us_per_call']:.0f} us with one"
+        f"with two, {one['gateway_cpu_us_per_call']:.0f} us with one; Credit-Control-Requests per call "
+        f"{two['quota_requests_per_call']:.3f} with two, {one['quota_requests_per_call']:.3f} with one"
     )
 
 
@@ -386,10 +403,11 @@ def main() -> int:
             "SECRETS_KEY": Fernet.generate_key().decode(),
         }  # fmt: skip
         services = [("billing", int(env["BILLING_PORT"]))] + [("gateway", port) for port in gateway_ports]
+        metrics_ports = [processes.free_port() for _ in services]
         for index, (service, port) in enumerate(services):
             children.append(subprocess.Popen(
                 [sys.executable, "-m", f"services.{service}"],
-                env={**env, "PORT": str(port), "METRICS_PORT": str(processes.free_port()),
+                env={**env, "PORT": str(port), "METRICS_PORT": str(metrics_ports[index]),
                      "NATS_USER": service, "NATS_PASSWORD": nats.extra[service]},
                 stdout=subprocess.DEVNULL, stderr=(work / f"{service}-{index}.log").open("wb"),
             ))  # fmt: skip
@@ -400,6 +418,7 @@ def main() -> int:
             "direct": f"{upstream}/chat/completions", "bare": f"http://127.0.0.1:{bare_port}/v1/chat/completions",
             "gateway": f"http://127.0.0.1:{gateway_ports[0]}/v1/chat/completions",
             "gateway2": f"http://127.0.0.1:{gateway_ports[1]}/v1/chat/completions",
+            "metrics": [f"http://127.0.0.1:{port}/metrics" for port in metrics_ports[1:]],
         }  # fmt: skip
         results = asyncio.run(_measure(urls, keys, args, [children[-2].pid, children[-1].pid], bench_url))
     finally:
