@@ -40,7 +40,6 @@ from pathlib import Path
 import aiohttp
 import uvloop
 from cryptography.fernet import Fernet
-from prometheus_client.parser import text_string_to_metric_families
 
 from devstack import processes
 from shared import bus, messaging
@@ -212,17 +211,6 @@ def _cpu_limited(pids: list[int], cores: float):
                 group.rmdir()
 
 
-async def _quota_requests(session: aiohttp.ClientSession, metrics_urls: list[str]) -> float:
-    """Credit-Control-Requests the gateways have sent billing so far (`routstr_quota_requests_total`)."""
-    total = 0.0
-    for url in metrics_urls:
-        async with session.get(url) as response:
-            for family in text_string_to_metric_families(await response.text()):
-                if family.name == "routstr_quota_requests":
-                    total += sum(sample.value for sample in family.samples if sample.name.endswith("_total"))
-    return total
-
-
 def _rss_kb(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -281,16 +269,15 @@ async def _measure(urls: dict, keys: list[str], args, gateway_pids: list[int], n
         with _cpu_limited(gateway_pids, args.gateway_cpus) as limited:
             if limited:
                 results["limited"] = {"cores_per_gateway": args.gateway_cpus}
-                for name, target in (("one", [urls["gateway"]]), ("two", both)):
-                    await warm(target, many)
-                    requests_before = await _quota_requests(session, urls["metrics"])
+                runs = [(f"{gateways}, {keys_name}", target, headers)
+                        for keys_name, headers in (("1,000 keys", many), ("one key", one_key))
+                        for gateways, target in (("one", [urls["gateway"]]), ("two", both))]  # fmt: skip
+                for name, target, headers in runs:
+                    await warm(target, headers)
                     with _busy(tuple(gateway_pids)) as busy:
-                        run = await _closed_loop(session, target, many, args.concurrency, args.seconds, BODY)
+                        run = await _closed_loop(session, target, headers, args.concurrency, args.seconds, BODY)
                     run["cpu_busy"], gateway_cpu = busy()
                     run["gateway_cpu_us_per_call"] = gateway_cpu * 1e6 / max(run["requests"], 1)
-                    run["quota_requests_per_call"] = (
-                        await _quota_requests(session, urls["metrics"]) - requests_before
-                    ) / max(run["requests"], 1)
                     results["limited"][name] = run
         results["settlement"] = await _settle_rate(nats_url, keys, args.settle_events)
         await _closed_loop(session, [urls["gateway"]], many, args.concurrency, 60, STREAM, limit=1000)
@@ -352,14 +339,16 @@ def _report(results: dict, args) -> str:
 def _limited(limited: dict | None) -> str:
     if not limited:
         return "two gateways, each CPU-limited: not measured (no writable cgroup cpu controller; needs root)"
-    one, two = limited["one"], limited["two"]
-    return (
-        f"two gateways, each limited to {limited['cores_per_gateway']} CPU: {two['rps']:,.0f} req/s against one's "
-        f"{one['rps']:,.0f} req/s ({two['rps'] / one['rps']:.2f}x); the cores were {two['cpu_busy']:.0%} busy with "
-        f"two and {one['cpu_busy']:.0%} with one; gateway CPU per call {two['gateway_cpu_us_per_call']:.0f} us "
-        f"with two, {one['gateway_cpu_us_per_call']:.0f} us with one; Credit-Control-Requests per call "
-        f"{two['quota_requests_per_call']:.3f} with two, {one['quota_requests_per_call']:.3f} with one"
-    )
+    lines = []
+    for keys in ("1,000 keys", "one key"):
+        one, two = limited[f"one, {keys}"], limited[f"two, {keys}"]
+        lines.append(
+            f"two gateways, each limited to {limited['cores_per_gateway']} CPU, {keys}: {two['rps']:,.0f} req/s "
+            f"against one's {one['rps']:,.0f} req/s ({two['rps'] / one['rps']:.2f}x); the cores were "
+            f"{two['cpu_busy']:.0%} busy with two and {one['cpu_busy']:.0%} with one; gateway CPU per call "
+            f"{two['gateway_cpu_us_per_call']:.0f} us with two, {one['gateway_cpu_us_per_call']:.0f} us with one"
+        )
+    return "\n".join(lines)
 
 
 def main() -> int:
@@ -403,11 +392,10 @@ def main() -> int:
             "SECRETS_KEY": Fernet.generate_key().decode(),
         }  # fmt: skip
         services = [("billing", int(env["BILLING_PORT"]))] + [("gateway", port) for port in gateway_ports]
-        metrics_ports = [processes.free_port() for _ in services]
         for index, (service, port) in enumerate(services):
             children.append(subprocess.Popen(
                 [sys.executable, "-m", f"services.{service}"],
-                env={**env, "PORT": str(port), "METRICS_PORT": str(metrics_ports[index]),
+                env={**env, "PORT": str(port), "METRICS_PORT": str(processes.free_port()),
                      "NATS_USER": service, "NATS_PASSWORD": nats.extra[service]},
                 stdout=subprocess.DEVNULL, stderr=(work / f"{service}-{index}.log").open("wb"),
             ))  # fmt: skip
@@ -418,7 +406,6 @@ def main() -> int:
             "direct": f"{upstream}/chat/completions", "bare": f"http://127.0.0.1:{bare_port}/v1/chat/completions",
             "gateway": f"http://127.0.0.1:{gateway_ports[0]}/v1/chat/completions",
             "gateway2": f"http://127.0.0.1:{gateway_ports[1]}/v1/chat/completions",
-            "metrics": [f"http://127.0.0.1:{port}/metrics" for port in metrics_ports[1:]],
         }  # fmt: skip
         results = asyncio.run(_measure(urls, keys, args, [children[-2].pid, children[-1].pid], bench_url))
     finally:

@@ -42,7 +42,8 @@ DISCOVERY_IDENTITY_SET = "discovery.identity.set"  # IdentitySet -> NodeIdentity
 
 # Quota grants (RFC 4006 credit control): billing grants a gateway units of a key's balance, which the
 # gateway spends locally; the usage it reports settles in batches from the usage stream.
-BILLING_CREDIT_CONTROL = "billing.quota"  # CreditControl -> QuotaAnswer | Error (CCR / CCA)
+# CreditControl -> QuotaAnswer | Error (CCR / CCA); CreditControls -> QuotaAnswers | Error (a gateway's renewals)
+BILLING_CREDIT_CONTROL = "billing.quota"
 BILLING_RATE = "billing.rate"  # RateQuery -> Rating | Error (a model's price, for local rating)
 QUOTA_RECALL = "quota.recall"  # Recall, core NATS fan-out to every gateway (RFC 4006 Re-Auth-Request)
 # GatewayAlive, core NATS fan-out to every billing: a gateway's heartbeat. The X-Cashu reservations of a gateway
@@ -303,6 +304,23 @@ class QuotaAnswer(msgspec.Struct, tag="quota_answer", frozen=True):
     closed: bool = False  # the grant is terminated or expired: start a new one
 
 
+class CreditControls(msgspec.Struct, tag="credit_controls", frozen=True):
+    """Up to MAX_CREDIT_CONTROLS Credit-Control-Requests in one message: a gateway renews every grant
+    due in a tick at once, rather than with a round trip each. Each is answered as if sent alone."""
+
+    requests: list[CreditControl]
+
+
+class QuotaAnswers(msgspec.Struct, tag="quota_answers", frozen=True):
+    """The answers to a `CreditControls`, in its order: a `QuotaAnswer`, or the `Error` that request
+    alone would have had."""
+
+    answers: list[QuotaAnswer | Error]
+
+
+MAX_CREDIT_CONTROLS = 256
+
+
 class RateQuery(msgspec.Struct, tag="rate_query", frozen=True):
     model: str
 
@@ -543,7 +561,8 @@ Message = (
     | Redeem | Redeemed | Issue | Issued | Pay | Paid | HoldingsQuery | Holdings | PubkeyQuery | NodePubkey
     | InfoQuery | NodeIdentity | ProvidersQuery | Providers | IdentitySet
     | RefundQuery | PayoutAbort | PayoutOutcome
-    | CreditControl | QuotaAnswer | RateQuery | Rating | Recall | UsageBatch | GatewayAlive
+    | CreditControl | QuotaAnswer | CreditControls | QuotaAnswers
+    | RateQuery | Rating | Recall | UsageBatch | GatewayAlive
     | AdminCall | AdminAnswer
     | UpstreamsQuery | Upstreams
 )  # fmt: skip

@@ -141,6 +141,61 @@ async def test_a_lost_grant_answer_holds_money_no_longer_than_the_validity_time(
     assert result.difference_msat == 0, result
 
 
+async def test_renewals_in_one_message_are_each_answered_as_if_sent_alone(make_node):
+    node = await make_node(("billing",), **PRICES)
+    keys = [await funded_key(node.settings.nats_url, 100_000) for _ in range(2)]
+    nc = await messaging.connect(node.settings.nats_url, "test-gateway")
+    try:
+        grants = []
+        for key in keys:
+            ccr = bus.CreditControl(hash_of(key), uuid.uuid4().hex, "gw", 1, 60_000, 1010)
+            await messaging.request(nc, bus.BILLING_CREDIT_CONTROL, ccr, bus.QuotaAnswer)
+            grants.append(ccr.grant_id)
+        batch = bus.CreditControls([
+            bus.CreditControl(hash_of(keys[0]), grants[0], "gw", 2),  # renew only
+            bus.CreditControl(hash_of(keys[1]), grants[1], "gw", 2, returned_msat=20_000),  # renew, give some back
+            bus.CreditControl("0" * 64, uuid.uuid4().hex, "gw", 1, 10_000, 1010),  # no such key
+        ])  # fmt: skip
+        reply = await messaging.request(nc, bus.BILLING_CREDIT_CONTROL, batch, bus.QuotaAnswers)
+        renewed, returned, unknown = reply.answers
+        assert isinstance(renewed, bus.QuotaAnswer) and renewed.granted_msat == 0 and not renewed.closed
+        assert renewed.grant_id == grants[0] and renewed.balance_msat == 50_000
+        assert isinstance(returned, bus.QuotaAnswer) and returned.balance_msat == 70_000
+        assert isinstance(unknown, bus.Error) and unknown.code == "unknown_key" and unknown.status == 401
+        again = await messaging.request(nc, bus.BILLING_CREDIT_CONTROL, batch, bus.QuotaAnswers)
+        assert again == reply, "a batch sent again is answered again and moves nothing"
+        assert (await key_state(node.settings.nats_url, hash_of(keys[1]))).reserved_msat == 30_000
+        too_many = bus.CreditControls([batch.requests[0]] * (bus.MAX_CREDIT_CONTROLS + 1))
+        with pytest.raises(BusError) as refused:
+            await messaging.request(nc, bus.BILLING_CREDIT_CONTROL, too_many, bus.QuotaAnswers)
+        assert refused.value.error.status == 400
+    finally:
+        await nc.drain()
+    result = await reconcile(node.settings.nats_url)
+    assert result.difference_msat == 0, result
+
+
+async def test_a_grant_in_use_is_renewed_not_replaced_while_its_validity_time_passes(make_node, http):
+    # One call every 0.3 s asks for no more units (a grant holds 64 calls), so nothing but the renewals
+    # in maintain's batches keeps the grant alive through 3 validity times of 3 s.
+    node = await make_node(("billing", "gateway"), QUOTA_VALIDITY_TIME="3", **PRICES)
+    key = await funded_key(node.settings.nats_url, 1_000 * COST)
+    calls = 0
+    started = time.monotonic()
+    while time.monotonic() - started < 9:
+        async with http.post(f"{node.url}{CHAT}", json=CALL, headers=auth(key)) as response:
+            assert response.status == 200, await response.text()
+        calls += 1
+        await asyncio.sleep(0.3)
+    samples, _ = await scrape(node.urls["gateway_metrics"])
+    ok = {labels: value for (name, labels), value in samples.items()
+          if name == "routstr_quota_requests_total" and ("outcome", "ok") in labels}  # fmt: skip
+    assert ok.get((("outcome", "ok"), ("type", "initial"))) == 1, ok
+    assert ok.get((("outcome", "ok"), ("type", "update")), 0) >= 3, ok
+    info = await settled(node.settings.nats_url, key, 10)  # idle, the grant goes back
+    assert info.total_spent_msat == calls * COST and info.balance_msat == (1_000 - calls) * COST, info
+
+
 async def test_reconcile_sees_a_settlement_committing_while_it_reads_whole_or_not_at_all(make_node):
     # The interleaving behind a reconcile once off by exactly one call (-1010 msat) right after a
     # call: reconcile read the ledger, a usage batch committed (key debited, revenue row added), then

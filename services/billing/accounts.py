@@ -93,6 +93,8 @@ class Accounts:
                     return await self.invoice_status(message)
                 case bus.CreditControl():
                     return await self.grants.credit_control(message)
+                case bus.CreditControls():
+                    return await self.grants.credit_controls(message)
                 case bus.RateQuery():
                     return self.rate(message)
         except LedgerError as exc:

@@ -150,6 +150,21 @@ class Grants:
             validity_time=self.validity_time, final_unit=granted < ccr.requested_msat, closed=outcome == "closed",
         )  # fmt: skip
 
+    async def credit_controls(self, batch: bus.CreditControls) -> bus.QuotaAnswers:
+        """Answer each request of `batch` in order, as if each had come alone: a `bus.QuotaAnswer`, or
+        the `bus.Error` of its LedgerError. Raises LedgerError `bad_request` (400) for more than
+        `bus.MAX_CREDIT_CONTROLS` requests. A database failure part way fails the whole batch; the
+        gateway sends the same requests again, and those already answered are answered again unmoved."""
+        if len(batch.requests) > bus.MAX_CREDIT_CONTROLS:
+            raise LedgerError(fail("bad_request", f"at most {bus.MAX_CREDIT_CONTROLS} requests per batch", 400))
+        answers: list[bus.QuotaAnswer | bus.Error] = []
+        for ccr in batch.requests:
+            try:
+                answers.append(await self.credit_control(ccr))
+            except LedgerError as exc:
+                answers.append(exc.error)
+        return bus.QuotaAnswers(answers)
+
     async def settle(self, events: Sequence[bus.Usage], prices: Sequence[bus.Price | None] = ()) -> dict[str, int]:
         """Settle calls charged to grants, each once by request id, in one transaction.
 

@@ -36,6 +36,11 @@ RENEW_SHARE = 0.4  # renewed (or, when idle, terminated) once less than this sha
 UNKNOWN_OUTCOME = {"timeout", "unavailable", "internal", "bad_reply"}
 
 
+def _request_type(ccr: bus.CreditControl) -> str:
+    """CC-Request-Type: INITIAL, UPDATE or TERMINATION (RFC 4006 §8.3), as a metric label."""
+    return "terminate" if ccr.final else "initial" if ccr.request_number == 1 else "update"
+
+
 def _insufficient(required: int, available: int) -> BusError:
     message = f"Insufficient balance: {required} msat required, {available} msat available"
     return BusError(bus.Error("insufficient_balance", message, 402))
@@ -223,30 +228,71 @@ class Quota:
                 await self._send(grant, grant.unanswered)
             if grant.closed:
                 return  # billing closed it: nothing more to ask of it
-            returned = max(grant.available, 0) if give_back else 0
             if requested and grant.available >= requested // 4:
                 return  # a request in flight already refilled it
-            grant.asked = requested or grant.asked
-            grant.request_number += 1
-            grant.returned += returned
-            grant.unanswered = bus.CreditControl(
-                grant.key_hash, grant.grant_id, self.gateway_id, grant.request_number, requested, minimum, returned,
-                final,
-            )  # fmt: skip
-            await self._send(grant, grant.unanswered)
+            await self._send(grant, self._next_request(grant, requested, minimum, give_back, final))
+
+    def _next_request(
+        self, grant: Grant, requested: int = 0, minimum: int = 0, give_back: bool = False, final: bool = False
+    ) -> bus.CreditControl:
+        """The grant's next Credit-Control-Request, counted as sent (`grant.unanswered` until answered);
+        the caller holds `grant.lock`."""
+        returned = max(grant.available, 0) if give_back else 0
+        grant.asked = requested or grant.asked
+        grant.request_number += 1
+        grant.returned += returned
+        grant.unanswered = bus.CreditControl(
+            grant.key_hash, grant.grant_id, self.gateway_id, grant.request_number, requested, minimum, returned, final
+        )
+        return grant.unanswered
 
     async def _send(self, grant: Grant, ccr: bus.CreditControl) -> None:
         sent = time.monotonic()
-        kind = "terminate" if ccr.final else "initial" if ccr.request_number == 1 else "update"  # CC-Request-Type
         try:
             answer = await request(self.nc, bus.BILLING_CREDIT_CONTROL, ccr, bus.QuotaAnswer)
         except BusError as exc:
-            answered = exc.error.code not in UNKNOWN_OUTCOME
-            if answered:
-                grant.unanswered = None  # a refusal: answered, and nothing granted
-            child(self.metrics.quota_requests, kind, "refused" if answered else "no_answer").inc()
+            self._refused(grant, ccr, exc.error)
             raise
-        child(self.metrics.quota_requests, kind, "ok").inc()
+        self._answered(grant, ccr, answer, sent)
+
+    async def _renew(self, grants: list[Grant]) -> None:
+        """CCR-Updates for `grants` (asking for no units, giving back the spare ones of grants no longer
+        active) in messages of up to `bus.MAX_CREDIT_CONTROLS`, rather than a round trip per grant: with
+        many keys, renewals would otherwise cost a gateway more than its calls. Each grant's lock is held
+        from its request to its answer, as in `_request`; a grant whose lock is taken is left to the
+        next tick. Billing not answering leaves each request unanswered, to be sent again (`_request`)."""
+        for start in range(0, len(grants), bus.MAX_CREDIT_CONTROLS):
+            batch = [g for g in grants[start : start + bus.MAX_CREDIT_CONTROLS] if not g.lock.locked()]
+            for grant in batch:
+                await grant.lock.acquire()  # free, so taken at once
+            try:
+                ccrs = [self._next_request(grant, give_back=not grant.active) for grant in batch]
+                sent = time.monotonic()
+                try:
+                    reply = await request(self.nc, bus.BILLING_CREDIT_CONTROL, bus.CreditControls(ccrs),
+                                          bus.QuotaAnswers)  # fmt: skip
+                    answers = reply.answers
+                    if len(answers) != len(ccrs):
+                        raise BusError(bus.Error("bad_reply", "billing answered a different number of requests", 502))
+                except BusError as exc:
+                    answers = [exc.error] * len(ccrs)
+                for grant, ccr, answer in zip(batch, ccrs, answers, strict=True):
+                    if isinstance(answer, bus.Error):
+                        self._refused(grant, ccr, answer)
+                    else:
+                        self._answered(grant, ccr, answer, sent)
+            finally:
+                for grant in batch:
+                    grant.lock.release()
+
+    def _refused(self, grant: Grant, ccr: bus.CreditControl, error: bus.Error) -> None:
+        answered = error.code not in UNKNOWN_OUTCOME
+        if answered:
+            grant.unanswered = None  # a refusal: answered, and nothing granted
+        child(self.metrics.quota_requests, _request_type(ccr), "refused" if answered else "no_answer").inc()
+
+    def _answered(self, grant: Grant, ccr: bus.CreditControl, answer: bus.QuotaAnswer, sent: float) -> None:
+        child(self.metrics.quota_requests, _request_type(ccr), "ok").inc()
         grant.unanswered = None
         grant.granted += answer.granted_msat
         grant.balance = answer.balance_msat
@@ -260,6 +306,7 @@ class Quota:
     async def maintain(self) -> None:
         """Once per tick: renew grants in use before they lapse, terminate idle ones, drop spare locks."""
         now = time.monotonic()
+        renew: list[Grant] = []
         for grant in [*self.active.values(), *self.draining]:
             if grant.lock.locked():
                 continue
@@ -273,9 +320,12 @@ class Quota:
                 continue
             if grant.active and grant.in_flight == 0 and now - grant.last_used > grant.validity_time * RENEW_SHARE:
                 self._retire(grant)  # idle: give it back rather than keep the balance tied up
-            else:
-                with contextlib.suppress(BusError):
+            elif grant.unanswered is not None or grant.closed:
+                with contextlib.suppress(BusError):  # sends the unanswered request again first
                     await self._request(grant, give_back=not grant.active)
+            else:
+                renew.append(grant)
+        await self._renew(renew)
         for key_hash in [k for k, lock in self.locks.items() if not lock.locked() and k not in self.active]:
             del self.locks[key_hash]
 
