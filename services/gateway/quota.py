@@ -262,10 +262,14 @@ class Quota:
         from its request to its answer, as in `_request`; a grant whose lock is taken is left to the
         next tick. Billing not answering leaves each request unanswered, to be sent again (`_request`)."""
         for start in range(0, len(grants), bus.MAX_CREDIT_CONTROLS):
-            batch = [g for g in grants[start : start + bus.MAX_CREDIT_CONTROLS] if not g.lock.locked()]
-            for grant in batch:
-                await grant.lock.acquire()  # free, so taken at once
+            locked = [g for g in grants[start : start + bus.MAX_CREDIT_CONTROLS] if not g.lock.locked()]
+            for grant in locked:
+                await grant.lock.acquire()  # free, so taken at once (or after a request that was waking)
             try:
+                # One whose request went unanswered meanwhile is left to `_request`, which sends that first.
+                batch = [grant for grant in locked if grant.unanswered is None and not grant.closed]
+                if not batch:
+                    continue
                 ccrs = [self._next_request(grant, give_back=not grant.active) for grant in batch]
                 sent = time.monotonic()
                 try:
@@ -282,7 +286,7 @@ class Quota:
                     else:
                         self._answered(grant, ccr, answer, sent)
             finally:
-                for grant in batch:
+                for grant in locked:
                     grant.lock.release()
 
     def _refused(self, grant: Grant, ccr: bus.CreditControl, error: bus.Error) -> None:
