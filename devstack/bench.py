@@ -35,6 +35,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
+from collections.abc import Awaitable
 from pathlib import Path
 
 import aiohttp
@@ -152,26 +153,30 @@ async def _settle_rate(nats_url: str, keys: list[str], events: int, batch: int =
     return {"events": events, "seconds": elapsed, "events_per_s": events / elapsed}
 
 
-@contextlib.contextmanager
-def _busy(pids: tuple[int, ...] = ()):
-    """How busy the machine and `pids` were inside the block: `with _busy(pids) as busy:`, then `busy()` is
-    (the share of all cores' time spent busy, the CPU seconds `pids` used). A run with the machine near
-    100 % busy is bound by the cores, not by the node."""
+def _cpu_ticks() -> tuple[int, int]:
+    """(busy, all) jiffies of every core since boot, from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
 
-    def machine() -> tuple[int, int]:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        idle = fields[3] + fields[4]  # idle + iowait
-        return sum(fields) - idle, sum(fields)
 
-    def used() -> float:
-        ticks = sum(sum(int(x) for x in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[11:13])
-                    for pid in pids)  # fmt: skip
-        return ticks / os.sysconf("SC_CLK_TCK")
+def _cpu_seconds(pids: list[int]) -> float:
+    """CPU seconds (user + system) `pids` have used since they started."""
+    ticks = sum(sum(int(x) for x in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[11:13])
+                for pid in pids)  # fmt: skip
+    return ticks / os.sysconf("SC_CLK_TCK")
 
-    start, start_used, result = machine(), used(), []
-    yield lambda: result[0]
-    end = machine()
-    result.append(((end[0] - start[0]) / max(end[1] - start[1], 1), used() - start_used))
+
+async def _cpu_measured(pids: list[int], run: Awaitable[dict]) -> dict:
+    """`run`'s result (a closed loop's) with `cpu_busy`, the share of all cores' time spent busy while it
+    ran (a run near 100 % is bound by the cores, not by the node), and `gateway_cpu_us_per_call`, the CPU
+    time `pids` used per request, in us."""
+    start, start_used = _cpu_ticks(), _cpu_seconds(pids)
+    result = await run
+    end, used = _cpu_ticks(), _cpu_seconds(pids) - start_used
+    result["cpu_busy"] = (end[0] - start[0]) / max(end[1] - start[1], 1)
+    result["gateway_cpu_us_per_call"] = used * 1e6 / max(result["requests"], 1)
+    return result
 
 
 @contextlib.contextmanager
@@ -244,12 +249,8 @@ async def _measure(urls: dict, keys: list[str], args, gateway_pids: list[int], n
             results["latency"][name] = await _open_loop(session, target[0], headers, args.rate, args.seconds)
         for name, (target, headers) in targets.items():
             await warm(target, headers)
-            with _busy(gateway_pids[:1]) as busy:
-                results["throughput"][name] = await _closed_loop(session, target, headers, args.concurrency,
-                                                                 args.seconds, BODY)  # fmt: skip
-            results["throughput"][name]["cpu_busy"], gateway_cpu = busy()
-            results["throughput"][name]["gateway_cpu_us_per_call"] = (
-                gateway_cpu * 1e6 / max(results["throughput"][name]["requests"], 1)
+            results["throughput"][name] = await _cpu_measured(
+                gateway_pids[:1], _closed_loop(session, target, headers, args.concurrency, args.seconds, BODY)
             )
             results["streamed"][name] = await _closed_loop(session, target, headers, args.concurrency,
                                                            args.seconds, STREAM)  # fmt: skip
@@ -257,11 +258,8 @@ async def _measure(urls: dict, keys: list[str], args, gateway_pids: list[int], n
         results["cold_key"] = await _open_loop(session, urls["gateway"], cold, COLD_RATE, len(cold) / COLD_RATE)
         both = [urls["gateway"], urls["gateway2"]]
         await warm(both, many)
-        with _busy(tuple(gateway_pids)) as busy:
-            results["two_gateways"] = await _closed_loop(session, both, many, args.concurrency, args.seconds, BODY)
-        results["two_gateways"]["cpu_busy"], gateway_cpu = busy()
-        results["two_gateways"]["gateway_cpu_us_per_call"] = (
-            gateway_cpu * 1e6 / max(results["two_gateways"]["requests"], 1)
+        results["two_gateways"] = await _cpu_measured(
+            gateway_pids, _closed_loop(session, both, many, args.concurrency, args.seconds, BODY)
         )
         # The same comparison with each gateway held to `--gateway-cpus` cores, as a Kubernetes CPU limit
         # holds a pod: then the gateways, not the cores the load generator, stub, NATS, billing and Postgres
@@ -274,11 +272,9 @@ async def _measure(urls: dict, keys: list[str], args, gateway_pids: list[int], n
                         for gateways, target in (("one", [urls["gateway"]]), ("two", both))]  # fmt: skip
                 for name, target, headers in runs:
                     await warm(target, headers)
-                    with _busy(tuple(gateway_pids)) as busy:
-                        run = await _closed_loop(session, target, headers, args.concurrency, args.seconds, BODY)
-                    run["cpu_busy"], gateway_cpu = busy()
-                    run["gateway_cpu_us_per_call"] = gateway_cpu * 1e6 / max(run["requests"], 1)
-                    results["limited"][name] = run
+                    results["limited"][name] = await _cpu_measured(
+                        gateway_pids, _closed_loop(session, target, headers, args.concurrency, args.seconds, BODY)
+                    )
         results["settlement"] = await _settle_rate(nats_url, keys, args.settle_events)
         await _closed_loop(session, [urls["gateway"]], many, args.concurrency, 60, STREAM, limit=1000)
         before = _rss_kb(gateway_pids[0])

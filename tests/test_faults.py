@@ -9,7 +9,6 @@ value, or the node never took it and it is still the client's (unspent at the mi
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import itertools
 import secrets
 import signal
@@ -31,7 +30,7 @@ from tests.conftest import node_env
 from tests.support import natsauth
 from tests.support.cluster import Cluster, Proc, wait_ready
 from tests.support.faults import signal_tree
-from tests.support.keys import funded_key, reconcile
+from tests.support.keys import funded_key, hash_of, reconcile
 from tests.test_gateway import CHAT, auth
 
 PRICES = {"FIXED_PRICING": "true", "FIXED_COST_PER_REQUEST": "1", "FIXED_PER_1K_INPUT_TOKENS": "1",
@@ -144,10 +143,8 @@ async def under_load(node: Node, payer: ClientWallet, fault) -> Load:
 
 
 async def key_info(nc, token: str) -> bus.KeyInfo | None:
-    key = "sk-" + hashlib.sha256(token.encode()).hexdigest()
     try:
-        return await messaging.request(nc, bus.BILLING_KEY_INFO, bus.KeyQuery(hashlib.sha256(key.encode()).hexdigest()),
-                                       bus.KeyInfo)  # fmt: skip
+        return await messaging.request(nc, bus.BILLING_KEY_INFO, bus.KeyQuery(key_hash_of(token)), bus.KeyInfo)
     except messaging.BusError as exc:
         assert exc.error.code == "unknown_key", exc.error
         return None
@@ -481,7 +478,7 @@ async def test_deposit_cut_after_the_redeem_is_credited_without_a_retry(
                   f" {time.monotonic() - healed:.1f}s after billing was back;"
                   f" the unstarted one closed {time.monotonic() - started:.1f}s after its request")  # fmt: skip
             assert not await client_wallet.is_spent(unstarted_token)  # never taken: still the client's
-            cut_hash = hashlib.sha256(cut_token.encode()).hexdigest()
+            cut_hash = hash_of(cut_token)
             assert await db.fetchval("SELECT count(*) FROM billing.ledger WHERE idempotency_key = $1",
                                      f"deposit:{cut_hash}") == 1  # fmt: skip
             assert await db.fetchval("SELECT state FROM wallet.redemptions WHERE token_hash = $1", cut_hash) == "done"
@@ -519,8 +516,8 @@ async def xcashu_call(http: aiohttp.ClientSession, url: str, token: str, content
 
 
 def key_hash_of(token: str) -> str:
-    key = "sk-" + hashlib.sha256(token.encode()).hexdigest()
-    return hashlib.sha256(key.encode()).hexdigest()
+    """The `key_hash` of the `sk-` key a token used as a Bearer makes (`sk-` + its hex SHA-256)."""
+    return hash_of("sk-" + hash_of(token))
 
 
 async def test_xcashu_reservations_without_a_caller_end_within_gone_after(

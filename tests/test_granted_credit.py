@@ -8,7 +8,6 @@ The reviewer's scenario end to end, through the gateway's HTTP API, the real CLI
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import sys
 import uuid
 
@@ -18,17 +17,13 @@ import pytest
 from services.billing.ledger import refundable_msat
 from shared import bus, messaging
 from shared.messaging import BusError
-from tests.support.keys import funded_key, reconcile
+from tests.support.keys import funded_key, hash_of, reconcile
 from tests.test_gateway import CHAT, auth, balance, settled_balance
 
 CORE = ("billing", "wallet", "gateway")
 PRICES = {"FIXED_PRICING": "true", "FIXED_COST_PER_REQUEST": "1", "FIXED_PER_1K_INPUT_TOKENS": "1",
           "FIXED_PER_1K_OUTPUT_TOKENS": "1"}  # fmt: skip
 HELLO = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
-
-
-def sha(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
 
 
 @pytest.mark.parametrize(
@@ -131,7 +126,7 @@ async def test_create_key_refuses_a_negative_amount_cleanly(make_node):
     code, out, err = await cli(node, "create-key", "--msat", "-5")
     assert code != 0 and not out.strip()
     assert "Traceback" not in err and "--msat" in err and "-5" in err, err
-    key_hash = sha("sk-" + uuid.uuid4().hex)
+    key_hash = hash_of("sk-" + uuid.uuid4().hex)
     nc = await messaging.connect(node.settings.nats_url, "test-operator")
     try:
         with pytest.raises(BusError) as caught:  # billing refuses it too, for any other caller

@@ -8,7 +8,6 @@ holding money no longer than the validity time.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import math
 import signal
 import time
@@ -26,7 +25,7 @@ from shared import bus, messaging
 from shared.messaging import BusError
 from tests.conftest import node_env
 from tests.support.cluster import Cluster
-from tests.support.keys import funded_key, reconcile
+from tests.support.keys import funded_key, hash_of, reconcile
 from tests.test_gateway import CHAT, auth, sse_events
 from tests.test_operations import promtool_check_metrics
 
@@ -108,10 +107,6 @@ async def eventually(condition, timeout: float = 30) -> None:
             return
         await asyncio.sleep(0.01)
     raise AssertionError(f"not reached in {timeout:g} s")
-
-
-def hash_of(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
 
 
 async def test_a_lost_grant_answer_holds_money_no_longer_than_the_validity_time(make_node):

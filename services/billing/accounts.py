@@ -169,13 +169,13 @@ class Accounts:
         # Durable before the wallet is asked: should this write fail, the wallet is not asked and the token
         # stays the client's; once it is written, the deposit loop ends the deposit if this call cannot.
         await self.ledger.record_intent(token_hash, message.key_hash, message.token, message.create, INTENT_DUE)
+        redeem = bus.Redeem(message.token, message.resume_only)
         try:
-            redeem = bus.Redeem(message.token, message.resume_only)
-            redeemed = await request(self.nc, bus.WALLET_REDEEM, redeem, bus.Redeemed, bus.MINT_TIMEOUT)
-        except BusError as exc:
+            redeemed = await self._wallet(bus.WALLET_REDEEM, redeem, bus.Redeemed)
+        except LedgerError as exc:
             if wallet_took_nothing(exc.error):
                 await self.ledger.close_intent(token_hash)
-            raise LedgerError(exc.error) from None
+            raise
         return await self._credit(message.key_hash, token_hash, redeemed, message.create)
 
     async def _credit(self, key_hash: str, token_hash: str, redeemed: bus.Redeemed, create: bool) -> bus.KeyInfo:
@@ -207,9 +207,8 @@ class Accounts:
 
     async def _finish_deposit(self, intent: DepositIntent) -> bool:
         try:
-            redeem = bus.Redeem(intent.token, resume_only=True)
-            redeemed = await request(self.nc, bus.WALLET_REDEEM, redeem, bus.Redeemed, bus.MINT_TIMEOUT)
-        except BusError as exc:
+            redeemed = await self._wallet(bus.WALLET_REDEEM, bus.Redeem(intent.token, resume_only=True), bus.Redeemed)
+        except LedgerError as exc:
             if not wallet_took_nothing(exc.error):
                 log.info("deposit of token %s… still open (attempt %d): %s", intent.token_hash[:12], intent.attempts,
                          exc.error.code)  # fmt: skip

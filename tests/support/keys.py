@@ -8,10 +8,15 @@ import secrets
 from shared import bus, messaging
 
 
+def hash_of(key: str) -> str:
+    """Billing's `key_hash` of an `sk-` key (hex SHA-256); of a token, the hex digest that makes its `sk-` key."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
 async def funded_key(nats_url: str, msat: int) -> str:
     """A new `sk-` key holding `msat`, created through billing's operator subject."""
     key = "sk-" + secrets.token_hex(32)
-    key_hash = hashlib.sha256(key.encode()).hexdigest()
+    key_hash = hash_of(key)
     nc = await messaging.connect(nats_url, "test-operator")
     try:
         await messaging.request(
