@@ -483,7 +483,9 @@ async def test_a_gateway_exports_its_grants_and_requests_and_billing_counts_its_
             await eventually(lambda: answered >= 5)
             samples = await scraped_until(gateway.metrics_url, lambda s: s.get(active) == 1)
             assert samples[initial_ok] >= 1, samples
-            assert 0 < samples[("routstr_quota_available_msat", ())] <= 64 * COST, samples
+            # One grant's 64 calls, plus the refill a grant asks for once less than a quarter of that is left
+            # (quota.GRANT_CALLS; `Quota.hold`): by the time of this scrape the worker may have made ~50 calls.
+            assert 0 < samples[("routstr_quota_available_msat", ())] < 64 * COST * 5 // 4, samples
             assert samples[("routstr_quota_grants", (("state", "draining"),))] == 0
             assert not any(name == "routstr_quota_requests_total" and ("outcome", "no_answer") in labels
                            for (name, labels) in samples), samples  # fmt: skip
